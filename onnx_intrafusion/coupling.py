@@ -1,0 +1,772 @@
+"""Stage 2: find channel-coupled groups.
+
+A *space* is a set of C channels created by one producer (a Conv, Gemm or
+MatMul output axis).  Channels then flow through the graph: every tensor that
+carries them records a :class:`ChannelAxis` (which axis, and which segments of
+which spaces lie along it, each channel covering ``block`` consecutive
+positions: a Flatten after a 4x4 map gives block 16).  Ops that join tensors
+element-wise (residual Add, x*sigmoid(x), SE gating) unite their spaces; the
+united spaces are a *group*: its channels are kept or removed together.
+
+Each op type has a rule in :data:`RULES` that says how channels pass through
+it and which constants it owns along the channel axis (producers, consumers,
+per-channel parameters).  An op without a rule, or a rule that cannot prove an
+edit safe, *blocks* the spaces it touches with a readable reason; blocked
+groups are left exactly as they are.  A wrong model is never written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+PRODUCER = "producer"  # weights whose output axis creates the channels (averaged)
+CONSUMER = "consumer"  # weights whose input axis reads the channels (summed)
+PARAM = "param"  # per-channel parameters along the channels (averaged)
+
+#: Why channels that reach a graph output are kept: expected, not a failure.
+OUTPUT_REASON = "channels reach a graph output"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``block`` positions per channel of ``space``; ``space=None``: fixed positions."""
+
+    space: int | None
+    block: int
+
+
+@dataclass(frozen=True)
+class ChannelAxis:
+    axis: int
+    segments: tuple[Segment, ...]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A constant that is edited when the group is pruned."""
+
+    role: str
+    constant: str
+    node: str
+    axis: int
+    offset: int  # first position of this space's channels along ``axis``
+    block: int
+
+
+@dataclass(frozen=True)
+class AxisFix:
+    """A value that must become the new size of ``tensor``'s channel axis.
+
+    ``kind`` is ``"shape"`` (entry ``index`` of the shape constant of node
+    ``node``) or ``"group"`` (the ``group`` attribute of a depthwise Conv).
+    """
+
+    kind: str
+    node: str
+    tensor: str
+    index: int = 0
+
+
+@dataclass
+class Group:
+    """Channels that are kept or removed together."""
+
+    id: int
+    size: int
+    members: list[Member]
+    blocked: list[tuple[str, str]]  # (node name, reason)
+    origin: str  # first producer node, for reports
+
+    @property
+    def prunable(self) -> bool:
+        return not self.blocked
+
+    def nodes(self, role: str) -> list[str]:
+        seen: dict[str, None] = {}
+        for m in self.members:
+            if m.role == role:
+                seen.setdefault(m.node)
+        return list(seen)
+
+
+@dataclass
+class Analysis:
+    groups: list[Group]
+    axes: dict[str, ChannelAxis]  # tensor name -> channel axis
+    fixes: list[AxisFix]
+    space_group: dict[int, int]  # space id -> group id
+
+    def group_of(self, space: int) -> Group:
+        return self.groups[self.space_group[space]]
+
+
+class _Context:
+    """Mutable state of one analysis pass; rules talk to it."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.axes: dict[str, ChannelAxis] = {}
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.origin: list[str] = []
+        self.members: list[list[Member]] = []
+        self.blocked: list[list[tuple[str, str]]] = []
+        self.fixes: list[AxisFix] = []
+        self.member_key: dict[tuple[str, int, int], int] = {}  # (constant, axis, offset) -> space
+        self.constant_users: dict[str, set[str]] = {}  # constant -> nodes that edit it
+
+    # -- spaces (union-find) -------------------------------------------------
+    def new_space(self, size: int, node: gs.Node) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.origin.append(node.name)
+        self.members.append([])
+        self.blocked.append([])
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int, node: gs.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] != self.size[rb]:
+            self.block_spaces([ra, rb], node, "joins channel groups of different sizes")
+            return
+        if rb < ra:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.members[ra] += self.members[rb]
+        self.blocked[ra] += self.blocked[rb]
+
+    def block_spaces(self, spaces: Iterable[int], node: gs.Node | str, reason: str) -> None:
+        name = node if isinstance(node, str) else f"{node.name} ({node.op})"
+        for s in spaces:
+            entry = (name, reason)
+            r = self.find(s)
+            if entry not in self.blocked[r]:
+                self.blocked[r].append(entry)
+
+    def block(self, ax: ChannelAxis | None, node: gs.Node, reason: str) -> None:
+        if ax is not None:
+            self.block_spaces([s.space for s in ax.segments if s.space is not None], node, reason)
+
+    # -- tensors ---------------------------------------------------------------
+    def axis_of(self, tensor: gs.Tensor) -> ChannelAxis | None:
+        return self.axes.get(tensor.name) if tensor is not None else None
+
+    def set_axis(self, tensor: gs.Tensor, ax: ChannelAxis | None) -> None:
+        if ax is not None and ax.segments and any(s.space is not None for s in ax.segments):
+            self.axes[tensor.name] = ax
+
+    @staticmethod
+    def const(tensor: gs.Tensor) -> np.ndarray | None:
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        return None
+
+    @staticmethod
+    def shape(tensor: gs.Tensor) -> list | None:
+        if isinstance(tensor, gs.Constant):
+            return list(tensor.values.shape)
+        if tensor.shape is None:
+            return None
+        return [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else None) for d in tensor.shape]
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shp = self.shape(tensor)
+        return None if shp is None else len(shp)
+
+    def total(self, ax: ChannelAxis) -> int:
+        return sum(self.size[self.find(s.space)] * s.block if s.space is not None else s.block for s in ax.segments)
+
+    def segment_offsets(self, ax: ChannelAxis) -> list[tuple[Segment, int]]:
+        out, pos = [], 0
+        for seg in ax.segments:
+            out.append((seg, pos))
+            pos += self.size[self.find(seg.space)] * seg.block if seg.space is not None else seg.block
+        return out
+
+    # -- members ---------------------------------------------------------------
+    def add_members(self, ax: ChannelAxis, role: str, tensor: gs.Tensor, node: gs.Node,
+                    axis: int, scale: int = 1) -> None:
+        """Register ``tensor`` as edited along ``axis`` for every segment of ``ax``.
+
+        ``scale`` multiplies positions (a depthwise conv with multiplier m
+        owns m weight rows per input channel).
+        """
+        for seg, off in self.segment_offsets(ax):
+            if seg.space is not None:
+                self.add_member(seg.space, Member(role, tensor.name, node.name, axis, off * scale, seg.block * scale))
+
+    def add_member(self, space: int, member: Member) -> None:
+        key = (member.constant, member.axis, member.offset)
+        other = self.member_key.get(key)
+        if other is not None:
+            # The same constant slice edited from two places (shared weights):
+            # both places must see the same channels.
+            self.union(other, space, member.node)
+        else:
+            self.member_key[key] = space
+        self.members[self.find(space)].append(member)
+        self.constant_users.setdefault(member.constant, set()).add(member.node)
+
+
+# ---------------------------------------------------------------------------
+# Rules: one function per op family.  A rule returns the indices of the inputs
+# whose channels it handled; channels on any other input are blocked.
+# ---------------------------------------------------------------------------
+
+Rule = Callable[[_Context, gs.Node], Iterable[int]]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*ops: str):
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def _attr(node: gs.Node, name: str, default=None):
+    return node.attrs.get(name, default)
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+@rule("Conv")
+def _conv(ctx: _Context, node: gs.Node):
+    x = node.inputs[0]
+    ax = ctx.axis_of(x)
+    weight = ctx.const(node.inputs[1])
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    y = node.outputs[0]
+    if weight is None or (bias is not None and ctx.const(bias) is None):
+        ctx.block(ax, node, "Conv weight or bias is computed at run time")
+        return [0]
+    if ax is not None and ax.axis != 1:
+        ctx.block(ax, node, "Conv input channels are not on axis 1")
+        return [0]
+    group = int(_attr(node, "group", 1))
+    c_out = weight.shape[0]
+    if group == 1:
+        if ax is not None:
+            ctx.add_members(ax, CONSUMER, node.inputs[1], node, axis=1)
+        space = ctx.new_space(c_out, node)
+        out = ChannelAxis(1, (Segment(space, 1),))
+        ctx.add_members(out, PRODUCER, node.inputs[1], node, axis=0)
+        if bias is not None:
+            ctx.add_members(out, PARAM, bias, node, axis=0)
+        ctx.set_axis(y, out)
+    elif weight.shape[1] == 1 and c_out % group == 0:
+        # Depthwise: output channel c*m+j reads only input channel c, so the
+        # output carries the input's channels with m positions each.
+        mult = c_out // group
+        if ax is None:
+            space = ctx.new_space(c_out, node)
+            ctx.block_spaces([space], node, "depthwise Conv reads channels that cannot be pruned (graph input)")
+            return [0]
+        ctx.add_members(ax, PARAM, node.inputs[1], node, axis=0, scale=mult)
+        if bias is not None:
+            ctx.add_members(ax, PARAM, bias, node, axis=0, scale=mult)
+        ctx.fixes.append(AxisFix("group", node.name, x.name))
+        ctx.set_axis(y, ChannelAxis(1, tuple(Segment(s.space, s.block * mult) for s in ax.segments)))
+    else:
+        ctx.block(ax, node, f"grouped Conv (group={group}) is not supported yet")
+        space = ctx.new_space(c_out, node)
+        ctx.block_spaces([space], node, f"grouped Conv (group={group}) is not supported yet")
+    return [0]
+
+
+def _linear_out(ctx: _Context, node: gs.Node, weight: gs.Tensor, out_axis_of_weight: int,
+                y: gs.Tensor, y_axis: int, n_out: int) -> ChannelAxis:
+    space = ctx.new_space(n_out, node)
+    out = ChannelAxis(y_axis, (Segment(space, 1),))
+    ctx.add_members(out, PRODUCER, weight, node, axis=out_axis_of_weight)
+    return out
+
+
+@rule("Gemm")
+def _gemm(ctx: _Context, node: gs.Node):
+    a, b = node.inputs[0], node.inputs[1]
+    ax = ctx.axis_of(a)
+    weight = ctx.const(b)
+    c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    if weight is None or ctx.const(a) is not None or int(_attr(node, "transA", 0)):
+        ctx.block(ax, node, "Gemm without a constant weight B (or with transA) is not supported")
+        return [0]
+    trans_b = int(_attr(node, "transB", 0))
+    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+    if ax is not None:
+        if ax.axis != 1:
+            ctx.block(ax, node, "Gemm input channels are not on axis 1")
+        else:
+            ctx.add_members(ax, CONSUMER, b, node, axis=in_axis)
+    n_out = weight.shape[out_axis]
+    out = _linear_out(ctx, node, b, out_axis, node.outputs[0], 1, n_out)
+    if c is not None:
+        cval = ctx.const(c)
+        if cval is None:
+            ctx.block(out, node, "Gemm bias C is computed at run time")
+        elif cval.ndim >= 1 and cval.shape[-1] == n_out and n_out > 1:
+            if cval.ndim == 2 and cval.shape[0] != 1:
+                ctx.block(out, node, "Gemm bias C is a full matrix")
+            else:
+                ctx.add_members(out, PARAM, c, node, axis=cval.ndim - 1)
+    ctx.set_axis(node.outputs[0], out)
+    return [0]
+
+
+@rule("MatMul")
+def _matmul(ctx: _Context, node: gs.Node):
+    a, b = node.inputs
+    ax = ctx.axis_of(a)
+    weight = ctx.const(b)
+    rank = ctx.rank(a)
+    if weight is None or weight.ndim != 2 or ctx.const(a) is not None or rank is None:
+        ctx.block(ax, node, "MatMul without a constant 2-D right operand is not supported")
+        ctx.block(ctx.axis_of(b), node, "MatMul between two computed tensors mixes channels")
+        return [0, 1]
+    if ax is not None:
+        if ax.axis != rank - 1:
+            ctx.block(ax, node, "MatMul reads channels on a non-contracted axis")
+        else:
+            ctx.add_members(ax, CONSUMER, b, node, axis=0)
+    y_rank = ctx.rank(node.outputs[0]) or max(rank, 2)
+    out = _linear_out(ctx, node, b, 1, node.outputs[0], y_rank - 1, weight.shape[1])
+    ctx.set_axis(node.outputs[0], out)
+    return [0]
+
+
+@rule("BatchNormalization", "InstanceNormalization")
+def _batchnorm(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    if ax is None:
+        return [0]
+    params = [t for t in node.inputs[1:] if t.name]
+    extra_outputs = [o for o in node.outputs[1:] if o.outputs]
+    if ax.axis != 1 or any(ctx.const(t) is None for t in params) or extra_outputs \
+            or int(_attr(node, "training_mode", 0)):
+        ctx.block(ax, node, "normalisation in training mode or with computed parameters")
+        return [0]
+    for t in params:
+        ctx.add_members(ax, PARAM, t, node, axis=0)
+    ctx.set_axis(node.outputs[0], ax)
+    return [0]
+
+
+_UNARY = (
+    "Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Gelu Elu Selu Celu Softplus Softsign Mish "
+    "Erf Abs Neg Exp Log Sqrt Reciprocal Floor Ceil Round Sign Sin Cos ThresholdedRelu Identity "
+    "Cast Swish Relu6"
+).split()
+
+
+@rule(*_UNARY)
+def _unary(ctx: _Context, node: gs.Node):
+    ctx.set_axis(node.outputs[0], ctx.axis_of(node.inputs[0]))
+    return [0]
+
+
+@rule("Dropout")
+def _dropout(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    if len(node.outputs) > 1 and node.outputs[1].outputs:
+        ctx.block(ax, node, "Dropout mask output is used")
+    ctx.set_axis(node.outputs[0], ax)
+    return [0]
+
+
+@rule("Clip")
+def _clip(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    for bound in node.inputs[1:]:
+        if bound.name and (ctx.const(bound) is None or ctx.const(bound).size != 1):
+            ctx.block(ax, node, "Clip bounds are not scalar constants")
+    ctx.set_axis(node.outputs[0], ax)
+    return [0]
+
+
+@rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+def _pool(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    if ax is not None and ax.axis != 1:
+        ctx.block(ax, node, "pooling input channels are not on axis 1")
+        return [0]
+    if len(node.outputs) > 1 and node.outputs[1].outputs:
+        ctx.block(ax, node, "MaxPool indices output is used (indices encode channel offsets)")
+        return [0]
+    ctx.set_axis(node.outputs[0], ax)
+    return [0]
+
+
+@rule("PRelu")
+def _prelu(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    if ax is not None:
+        _elementwise_constant(ctx, node, ax, node.inputs[1], ctx.rank(node.inputs[0]))
+    ctx.set_axis(node.outputs[0], ax)
+    return [0]
+
+
+def _elementwise_constant(ctx: _Context, node: gs.Node, ax: ChannelAxis, tensor: gs.Tensor,
+                          out_rank: int | None) -> None:
+    """Handle a non-channel-carrying operand of an element-wise op.
+
+    Broadcast along the channel axis (size 1) needs no edit; a constant with a
+    value per channel becomes a PARAM member; anything else blocks.
+    """
+    shape = ctx.shape(tensor)
+    if shape is None or out_rank is None:
+        ctx.block(ax, node, "element-wise operand of unknown shape")
+        return
+    pos = ax.axis - (out_rank - len(shape))
+    if pos < 0 or shape[pos] == 1:
+        return
+    if ctx.const(tensor) is not None and shape[pos] == ctx.total(ax):
+        ctx.add_members(ax, PARAM, tensor, node, axis=pos)
+        return
+    ctx.block(ax, node, f"element-wise operand '{tensor.name}' has its own values along the channel axis")
+
+
+@rule("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow")
+def _elementwise(ctx: _Context, node: gs.Node):
+    out_rank = ctx.rank(node.outputs[0])
+    ranks = [ctx.rank(t) for t in node.inputs]
+    if out_rank is None and all(r is not None for r in ranks):
+        out_rank = max(ranks)
+    tracked = [(i, ctx.axis_of(t)) for i, t in enumerate(node.inputs) if ctx.axis_of(t) is not None]
+    if not tracked:
+        return []
+    if out_rank is None or any(ranks[i] is None for i, _ in tracked):
+        for _, ax in tracked:
+            ctx.block(ax, node, "element-wise op on tensors of unknown rank")
+        return [i for i, _ in tracked]
+    first_i, first = tracked[0]
+    out_axis = first.axis + out_rank - ranks[first_i]
+    for i, ax in tracked[1:]:
+        if ax.axis + out_rank - ranks[i] != out_axis or len(ax.segments) != len(first.segments) or any(
+            (sa.space is None) != (sb.space is None) or sa.block != sb.block
+            for sa, sb in zip(ax.segments, first.segments)
+        ):
+            for _, other in tracked:
+                ctx.block(other, node, "element-wise op joins channels that do not line up")
+            return [i for i, _ in tracked]
+        for sa, sb in zip(ax.segments, first.segments):
+            if sa.space is not None:
+                ctx.union(sa.space, sb.space, node)
+    out = ChannelAxis(out_axis, first.segments)
+    for i, t in enumerate(node.inputs):
+        if all(i != j for j, _ in tracked):
+            _elementwise_constant(ctx, node, out, t, out_rank)
+    ctx.set_axis(node.outputs[0], out)
+    return [i for i, _ in tracked]
+
+
+def _reduce_axes(ctx: _Context, node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return list(node.attrs["axes"])
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        val = ctx.const(node.inputs[1])
+        return None if val is None else [int(v) for v in val.reshape(-1)]
+    return []
+
+
+@rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+      "ReduceProd", "ReduceSumSquare")
+def _reduce(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    rank = ctx.rank(node.inputs[0])
+    if ax is None:
+        return [0]
+    axes = _reduce_axes(ctx, node)
+    if axes is None or rank is None:
+        ctx.block(ax, node, "reduction axes are not known")
+        return [0]
+    axes = [_norm_axis(a, rank) for a in axes]
+    if not axes and not int(_attr(node, "noop_with_empty_axes", 0)):
+        axes = list(range(rank))
+    if ax.axis in axes:
+        ctx.block(ax, node, "reduces over the channel axis")
+        return [0]
+    keep = int(_attr(node, "keepdims", 1))
+    new_axis = ax.axis if keep else ax.axis - sum(1 for a in axes if a < ax.axis)
+    ctx.set_axis(node.outputs[0], ChannelAxis(new_axis, ax.segments))
+    return [0]
+
+
+def _static(dims: list) -> bool:
+    return all(isinstance(d, int) for d in dims)
+
+
+def _tail_block(ax: ChannelAxis, tail: int, new_tail: int) -> tuple[Segment, ...] | None:
+    """Segments after moving ``tail``/``new_tail`` inner positions into the axis."""
+    segs = []
+    for s in ax.segments:
+        if (s.block * tail) % new_tail:
+            return None
+        segs.append(Segment(s.space, s.block * tail // new_tail))
+    return tuple(segs)
+
+
+@rule("Flatten")
+def _flatten(ctx: _Context, node: gs.Node):
+    x = node.inputs[0]
+    ax = ctx.axis_of(x)
+    shape = ctx.shape(x)
+    if ax is None:
+        return [0]
+    if shape is None:
+        ctx.block(ax, node, "Flatten input shape is unknown")
+        return [0]
+    split = _norm_axis(int(_attr(node, "axis", 1)), len(shape))
+    inner = shape[ax.axis + 1:]
+    between = shape[split:ax.axis]
+    if ax.axis < split or not _static(inner) or not _static(between) or any(d != 1 for d in between):
+        ctx.block(ax, node, "Flatten does not keep channels in contiguous blocks")
+        return [0]
+    segs = _tail_block(ax, int(np.prod(inner)) if inner else 1, 1)
+    ctx.set_axis(node.outputs[0], ChannelAxis(1, segs))
+    return [0]
+
+
+def _same_leading(a: list, b: list) -> bool:
+    if a == b:
+        return True
+    return _static(a) and _static(b) and int(np.prod(a)) == int(np.prod(b))
+
+
+@rule("Reshape")
+def _reshape(ctx: _Context, node: gs.Node):
+    x, target = node.inputs[0], node.inputs[1]
+    y = node.outputs[0]
+    ax = ctx.axis_of(x)
+    if ax is None:
+        return [0]
+    ishape, oshape = ctx.shape(x), ctx.shape(y)
+    tval = ctx.const(target)
+    if ishape is None or oshape is None or tval is None:
+        ctx.block(ax, node, "Reshape target shape is computed at run time")
+        return [0]
+    inner = ishape[ax.axis + 1:]
+    total = ctx.total(ax)
+    if not _static(inner):
+        ctx.block(ax, node, "Reshape of a tensor with dynamic inner dimensions")
+        return [0]
+    tail = int(np.prod(inner)) if inner else 1
+    tval = [int(v) for v in tval.reshape(-1)]
+    allowzero = int(_attr(node, "allowzero", 0))
+    for j in range(len(oshape)):
+        otail = oshape[j + 1:]
+        if not _static(otail) or not isinstance(oshape[j], int):
+            continue
+        new_tail = int(np.prod(otail)) if otail else 1
+        if oshape[j] * new_tail != total * tail or not _same_leading(ishape[:ax.axis], oshape[:j]):
+            continue
+        segs = _tail_block(ax, tail, new_tail)
+        if segs is None:
+            continue
+        if j >= len(tval):
+            break
+        entry = tval[j]
+        zero_refs = [i for i, v in enumerate(tval) if v == 0 and not allowzero]
+        if ax.axis in zero_refs and ax.axis != j:
+            break
+        if entry == 0 and not allowzero and not (j == ax.axis and tail == new_tail):
+            break
+        if entry > 0:
+            ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
+        ctx.set_axis(y, ChannelAxis(j, segs))
+        return [0]
+    ctx.block(ax, node, "Reshape splits or mixes the channel axis")
+    return [0]
+
+
+@rule("Transpose")
+def _transpose(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    if ax is None:
+        return [0]
+    perm = _attr(node, "perm")
+    rank = ctx.rank(node.inputs[0])
+    if perm is None:
+        if rank is None:
+            ctx.block(ax, node, "Transpose of unknown rank")
+            return [0]
+        perm = list(range(rank))[::-1]
+    perm = list(perm)
+    ctx.set_axis(node.outputs[0], ChannelAxis(perm.index(ax.axis), ax.segments))
+    return [0]
+
+
+def _listed_axes(ctx: _Context, node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return list(node.attrs["axes"])
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        val = ctx.const(node.inputs[1])
+        return None if val is None else [int(v) for v in val.reshape(-1)]
+    return None
+
+
+@rule("Squeeze")
+def _squeeze(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    rank = ctx.rank(node.inputs[0])
+    if ax is None:
+        return [0]
+    axes = _listed_axes(ctx, node)
+    if axes is None or rank is None:
+        ctx.block(ax, node, "Squeeze axes are not known")
+        return [0]
+    axes = [_norm_axis(a, rank) for a in axes]
+    if ax.axis in axes:
+        ctx.block(ax, node, "Squeeze removes the channel axis")
+        return [0]
+    ctx.set_axis(node.outputs[0], ChannelAxis(ax.axis - sum(1 for a in axes if a < ax.axis), ax.segments))
+    return [0]
+
+
+@rule("Unsqueeze")
+def _unsqueeze(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    rank = ctx.rank(node.outputs[0])
+    if ax is None:
+        return [0]
+    axes = _listed_axes(ctx, node)
+    if axes is None or rank is None:
+        ctx.block(ax, node, "Unsqueeze axes are not known")
+        return [0]
+    axes = sorted(_norm_axis(a, rank) for a in axes)
+    pos = ax.axis
+    for a in axes:
+        if a <= pos:
+            pos += 1
+    ctx.set_axis(node.outputs[0], ChannelAxis(pos, ax.segments))
+    return [0]
+
+
+@rule("Concat")
+def _concat(ctx: _Context, node: gs.Node):
+    rank = ctx.rank(node.outputs[0])
+    tracked = [(i, ctx.axis_of(t)) for i, t in enumerate(node.inputs) if ctx.axis_of(t) is not None]
+    if not tracked:
+        return []
+    if rank is None:
+        for _, ax in tracked:
+            ctx.block(ax, node, "Concat of unknown rank")
+        return [i for i, _ in tracked]
+    cat = _norm_axis(int(_attr(node, "axis")), rank)
+    if any(ax.axis != cat for _, ax in tracked):
+        # Concatenation along another axis joins channels like an element-wise op.
+        return _elementwise(ctx, node)
+    segs: list[Segment] = []
+    for t in node.inputs:
+        ax = ctx.axis_of(t)
+        if ax is not None:
+            segs.extend(ax.segments)
+        else:
+            shape = ctx.shape(t)
+            if shape is None or not isinstance(shape[cat], int):
+                for _, other in tracked:
+                    ctx.block(other, node, "Concat operand of unknown size")
+                return [i for i, _ in tracked]
+            segs.append(Segment(None, shape[cat]))
+    ctx.set_axis(node.outputs[0], ChannelAxis(cat, tuple(segs)))
+    return [i for i, _ in tracked]
+
+
+# ---------------------------------------------------------------------------
+
+
+def _subgraph_tensor_names(node: gs.Node) -> set[str]:
+    names: set[str] = set()
+    for value in node.attrs.values():
+        graphs = value if isinstance(value, list) else [value]
+        for g in graphs:
+            if isinstance(g, gs.Graph):
+                for n in g.nodes:
+                    names.update(t.name for t in n.inputs)
+    return names
+
+
+def analyse(graph: gs.Graph) -> Analysis:
+    """Find every channel group of ``graph`` (which must be toposorted and shape-inferred)."""
+    ctx = _Context(graph)
+    for node in graph.nodes:
+        rule_fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
+        if rule_fn is None:
+            handled: Iterable[int] = []
+            reason = (
+                f"op {node.op} from domain '{node.domain}' is not understood"
+                if node.domain not in ("", "ai.onnx", None)
+                else f"op {node.op} is not supported on a channel axis yet"
+            )
+        else:
+            handled = rule_fn(ctx, node)
+            reason = f"input used by {node.op} in a way that is not supported"
+        handled = set(handled)
+        for i, t in enumerate(node.inputs):
+            if i not in handled:
+                ctx.block(ctx.axis_of(t), node, reason)
+        for name in _subgraph_tensor_names(node):
+            ctx.block(ctx.axes.get(name), node, f"channels are used inside a {node.op} subgraph")
+    for out in graph.outputs:
+        ctx.block(ctx.axes.get(out.name), f"graph output '{out.name}'", OUTPUT_REASON)
+    _check_constant_users(ctx, graph)
+    return _collect(ctx)
+
+
+def _check_constant_users(ctx: _Context, graph: gs.Graph) -> None:
+    """A constant we edit must not also be read by a node that does not expect the edit."""
+    tensors = graph.tensors()
+    spaces_of: dict[str, set[int]] = {}
+    for (constant, _, _), space in ctx.member_key.items():
+        spaces_of.setdefault(constant, set()).add(space)
+    for constant, editors in ctx.constant_users.items():
+        tensor = tensors.get(constant)
+        readers = {n.name for n in tensor.outputs} if tensor is not None else set()
+        strangers = readers - editors
+        if strangers or (tensor is not None and tensor in graph.outputs):
+            who = sorted(strangers)[0] if strangers else "graph output"
+            ctx.block_spaces(spaces_of[constant], who, f"constant '{constant}' is shared with a node that would not be edited")
+
+
+def _collect(ctx: _Context) -> Analysis:
+    roots: dict[int, int] = {}
+    groups: list[Group] = []
+    space_group: dict[int, int] = {}
+    for s in range(len(ctx.parent)):
+        r = ctx.find(s)
+        if r not in roots:
+            roots[r] = len(groups)
+            members = list(dict.fromkeys(ctx.members[r]))
+            groups.append(Group(len(groups), ctx.size[r], members, list(ctx.blocked[r]), ctx.origin[r]))
+        space_group[s] = roots[r]
+    for g in groups:
+        if not any(m.role == PRODUCER for m in g.members) and not g.blocked:
+            g.blocked.append((g.origin, "no producer weight to edit"))
+    return Analysis(groups=groups, axes=dict(ctx.axes), fixes=list(ctx.fixes), space_group=space_group)
+
+
+def channel_rows(values: np.ndarray, member: Member, size: int) -> np.ndarray:
+    """The member's slice of ``values`` as a (channels, features) matrix.
+
+    Row c holds everything the constant stores for channel c: a producer's
+    output filter, a consumer's input slice (all blocks), a bias value.
+    """
+    length = size * member.block
+    piece = np.take(values, np.arange(member.offset, member.offset + length), axis=member.axis)
+    piece = np.moveaxis(piece, member.axis, 0)
+    return piece.reshape(size, -1)

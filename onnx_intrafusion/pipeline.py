@@ -1,0 +1,187 @@
+"""prune(): the stages in order, timed.
+
+load -> groups -> importance -> plans -> rewrite -> validate.  The pipeline
+owns no pruning logic of its own; it moves data between the stage modules and
+fills the report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from . import coupling, importance as importance_mod, model_io, plans, rewrite
+from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
+from .errors import NothingToPrune, UsageError, ValidationError
+from .report import GroupRow, Report, model_stats
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: Report
+    external_data: bool = False  # the input kept its weights in an external file
+
+
+def check_options(sparsity: float, method: str, importance: str, ot_reg: float = 0.0, ot_p: float = 1.0,
+                  marginals: str = "uniform", round_to: int = 1) -> None:
+    """Raise :class:`UsageError` for an option out of range, before any work."""
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0 or np.isnan(sparsity):
+        raise UsageError(f"sparsity must be in [0, 1), got {sparsity}")
+    if method not in plans.METHODS:
+        raise UsageError(f"unknown method '{method}' (choose from {', '.join(plans.METHODS)})")
+    if importance not in importance_mod.IMPORTANCES:
+        raise UsageError(f"unknown importance '{importance}' (choose from {', '.join(importance_mod.IMPORTANCES)})")
+    if marginals not in plans.MARGINALS:
+        raise UsageError(f"unknown marginals '{marginals}' (choose from {', '.join(plans.MARGINALS)})")
+    if not ot_reg >= 0:
+        raise UsageError(f"ot-reg must be >= 0, got {ot_reg}")
+    if not ot_p >= 1:
+        raise UsageError(f"ot-p must be >= 1, got {ot_p}")
+    if int(round_to) < 1:
+        raise UsageError(f"round-to must be >= 1, got {round_to}")
+
+
+class _Timer:
+    def __init__(self, progress: Progress | None):
+        self.timings: dict[str, float] = {}
+        self.progress = progress
+
+    @contextmanager
+    def stage(self, name: str):
+        if self.progress:
+            self.progress(f"{name} ...")
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 4)
+
+
+def _group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(rows for importance, rows for transport features) of a group.
+
+    Importance reads producers' output filters and consumers' input slices;
+    the transport features add the producers' biases.
+    """
+    producers = set(group.nodes(PRODUCER))
+    scored, features = [], []
+    for m in group.members:
+        rows = coupling.channel_rows(values[m.constant], m, group.size)
+        if m.role in (PRODUCER, CONSUMER):
+            scored.append(rows)
+            features.append(rows)
+        elif m.role == PARAM and m.node in producers:
+            features.append(rows)
+    return scored, features
+
+
+def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, method: str,
+                importance: str, seed: int = 0, selected: set[int] | None = None, ot_reg: float = 0.0,
+                ot_p: float = 1.0, marginals: str = "uniform", round_to: int = 1,
+                progress: Progress | None = None) -> dict[int, plans.ChannelMap]:
+    """A channel map for every prunable (and selected) group."""
+    maps = {}
+    todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    for n, group in enumerate(todo, 1):
+        keep = plans.keep_count(group.size, sparsity, round_to)
+        if keep == group.size:
+            continue
+        scored, features = _group_rows(group, values)
+        rng = np.random.default_rng([seed, group.id])
+        scores = importance_mod.group_scores(scored, importance, rng)
+        kept = importance_mod.top_k(scores, keep)
+        if method == "prune":
+            maps[group.id] = plans.selection(group.size, kept)
+        else:
+            mass = scores if marginals == "importance" else None
+            maps[group.id] = plans.fusion(plans.normalised_features(features), kept, mass, ot_reg, ot_p)
+        if progress and len(todo) > 20 and n % 10 == 0:
+            progress(f"  planned {n}/{len(todo)} groups")
+    return maps
+
+
+def prune(
+    model: str | os.PathLike | onnx.ModelProto,
+    sparsity: float = 0.5,
+    method: str = "intrafusion",
+    importance: str = "l1",
+    *,
+    seed: int = 0,
+    groups: Iterable[int] | None = None,
+    ot_reg: float = 0.0,
+    ot_p: float = 1.0,
+    marginals: str = "uniform",
+    round_to: int = 1,
+    validate: bool = True,
+    provider: str = "auto",
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Prune every prunable channel group of ``model`` by ``sparsity``.
+
+    ``model`` is a path or an ``onnx.ModelProto``.  ``groups`` restricts the
+    pruning to those group ids (as listed in the report; others untouched).
+    Returns the pruned model and a :class:`Report`; raises a
+    :class:`~onnx_intrafusion.errors.UserError` subclass for bad input.
+    """
+    check_options(sparsity, method, importance, ot_reg, ot_p, marginals, round_to)
+    if validate:
+        from .validate import check_provider
+
+        check_provider(provider)
+    timer = _Timer(progress)
+    options = dict(sparsity=sparsity, method=method, importance=importance, seed=seed, ot_reg=ot_reg,
+                   ot_p=ot_p, marginals=marginals, round_to=round_to,
+                   groups=None if groups is None else sorted(groups))
+
+    with timer.stage("load"):
+        loaded = model_io.load_model(model)
+        original = loaded.model
+        graph = model_io.to_graph(original)
+    with timer.stage("groups"):
+        analysis = coupling.analyse(graph)
+        values = {name: np.asarray(t.values) for name, t in graph.tensors().items()
+                  if name in {m.constant for g in analysis.groups for m in g.members}}
+    if not any(g.prunable for g in analysis.groups):
+        reasons = sorted({r for g in analysis.groups for _, r in g.blocked})
+        detail = f"; reasons: {'; '.join(reasons[:3])}" if reasons else ""
+        raise NothingToPrune(f"no channel group can be pruned safely ({len(analysis.groups)} groups found{detail})")
+    selected = None if groups is None else set(groups)
+    with timer.stage("plan"):
+        maps = plan_groups(analysis, values, sparsity, method, importance, seed, selected, ot_reg, ot_p,
+                           marginals, round_to, progress)
+    with timer.stage("rewrite"):
+        rewrite.apply_maps(graph, analysis, maps)
+        pruned = model_io.to_model(graph, original)
+        try:
+            if pruned.ByteSize() < 2**31 - 1:
+                onnx.checker.check_model(pruned, full_check=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
+                                  f"{str(exc).splitlines()[0]}") from None
+
+    report = Report(options=options)
+    for g in analysis.groups:
+        if not g.prunable:
+            only_outputs = all(r == coupling.OUTPUT_REASON for _, r in g.blocked)
+            report.groups.append(GroupRow.from_group(g, g.size, "output" if only_outputs else "blocked"))
+        elif g.id in maps:
+            report.groups.append(GroupRow.from_group(g, maps[g.id].keep, "pruned"))
+        else:
+            report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
+    with timer.stage("stats"):
+        report.params_before, report.macs_before = model_stats(original)
+        report.params_after, report.macs_after = model_stats(pruned)
+    if validate:
+        from .validate import compare
+
+        with timer.stage("validate"):
+            report.validation = compare(original, pruned, provider, seed).to_dict()
+    report.timings = timer.timings
+    return PruneResult(model=pruned, report=report, external_data=loaded.external_data)

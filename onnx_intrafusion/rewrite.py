@@ -1,0 +1,96 @@
+"""Stage 5: apply channel maps to the graph.
+
+One mechanism serves every plan and every member: along the member's axis,
+the positions of the group's channels are multiplied by the map's k x C matrix
+(``total`` for consumers, ``average`` for producers and per-channel
+parameters).  Plain pruning is the special case of a 0/1 matrix.  Afterwards
+the values that store a channel count (Reshape shape constants, the ``group``
+attribute of depthwise Convs) are set to the new axis sizes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .coupling import CONSUMER, Analysis
+from .plans import ChannelMap
+
+
+def _apply_axis(values: np.ndarray, axis: int, pieces: list[tuple[int, int, np.ndarray]]) -> np.ndarray:
+    """Replace each (offset, block, matrix) piece of ``axis`` by ``matrix`` applied to its channels."""
+    chunks, pos = [], 0
+    length = values.shape[axis]
+    for offset, block, matrix in sorted(pieces, key=lambda p: p[0]):
+        if offset < pos:
+            raise AssertionError("overlapping channel ranges on one constant")  # analysis bug
+        if offset > pos:
+            chunks.append(np.take(values, np.arange(pos, offset), axis=axis))
+        size = matrix.shape[1]
+        part = np.moveaxis(np.take(values, np.arange(offset, offset + size * block), axis=axis), axis, 0)
+        rest = part.shape[1:]
+        part = part.reshape(size, block, *rest).astype(np.float64)
+        mixed = np.tensordot(matrix, part, axes=1).reshape(matrix.shape[0] * block, *rest)
+        chunks.append(np.moveaxis(mixed, 0, axis))
+        pos = offset + size * block
+    if pos < length:
+        chunks.append(np.take(values, np.arange(pos, length), axis=axis))
+    return np.concatenate(chunks, axis=axis)
+
+
+def new_axis_size(analysis: Analysis, maps: dict[int, ChannelMap], tensor: str) -> int:
+    """Size of ``tensor``'s channel axis after the maps are applied."""
+    total = 0
+    for seg in analysis.axes[tensor].segments:
+        if seg.space is None:
+            total += seg.block
+        else:
+            gid = analysis.space_group[seg.space]
+            keep = maps[gid].keep if gid in maps else analysis.groups[gid].size
+            total += keep * seg.block
+    return total
+
+
+def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap]) -> None:
+    """Edit ``graph`` in place so that each group in ``maps`` has its new channels."""
+    maps = {gid: m for gid, m in maps.items() if not m.is_identity}
+    tensors = graph.tensors()
+    edits: dict[str, dict[int, dict[int, tuple[int, int, np.ndarray]]]] = defaultdict(lambda: defaultdict(dict))
+    for gid, cmap in maps.items():
+        group = analysis.groups[gid]
+        if not group.prunable:
+            raise AssertionError(f"group {gid} is blocked and cannot be rewritten")
+        for m in group.members:
+            matrix = cmap.total if m.role == CONSUMER else cmap.average
+            edits[m.constant][m.axis][m.offset] = (m.offset, m.block, matrix)
+    for name, by_axis in edits.items():
+        tensor = tensors[name]
+        original = np.asarray(tensor.values)
+        values = original
+        for axis, pieces in by_axis.items():
+            values = _apply_axis(values, axis, list(pieces.values()))
+        tensor.values = np.ascontiguousarray(values.astype(original.dtype))
+
+    nodes = {n.name: n for n in graph.nodes}
+    for fix in analysis.fixes:
+        if not _touches(analysis, maps, fix.tensor):
+            continue
+        node = nodes[fix.node]
+        size = new_axis_size(analysis, maps, fix.tensor)
+        if fix.kind == "group":
+            node.attrs["group"] = size
+        elif fix.kind == "shape":
+            shape = np.array(node.inputs[1].values, copy=True)
+            shape.reshape(-1)[fix.index] = size
+            # A private copy: exporters share shape constants between Reshapes.
+            node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__pruned_{node.name}", shape)
+    graph.cleanup().toposort()
+
+
+def _touches(analysis: Analysis, maps: dict[int, ChannelMap], tensor: str) -> bool:
+    return any(
+        seg.space is not None and analysis.space_group[seg.space] in maps
+        for seg in analysis.axes[tensor].segments
+    )

@@ -1,0 +1,143 @@
+"""Stage 6: run original and pruned models in onnxruntime and measure drift.
+
+The only module that imports onnxruntime.  The CUDA provider is used when
+onnxruntime-gpu is installed and a GPU answers; otherwise the CPU provider.
+Sessions run the graph we wrote; onnxruntime's optimised graph stays in
+memory and is never fed back into the rewriter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import ProviderError, ValidationError
+from .model_io import concrete_input_shapes
+
+PROVIDERS = ("auto", "cpu", "cuda")
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+
+#: Random samples per validation (several runs when the batch size is fixed).
+VALIDATION_SAMPLES = 8
+
+
+@dataclass
+class OutputDrift:
+    name: str
+    shape: list[int]
+    max_abs_diff: float
+    cosine: float
+    top1_agreement: float | None  # only for [N, classes] outputs
+
+
+@dataclass
+class Drift:
+    provider: str
+    samples: int
+    outputs: list[OutputDrift]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _session_options() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return opts
+
+
+def session(model: onnx.ModelProto, provider: str = "auto") -> ort.InferenceSession:
+    """An onnxruntime session on the requested provider (``auto``: CUDA if it works, else CPU)."""
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider '{provider}' (choose from {', '.join(PROVIDERS)})")
+    available = ort.get_available_providers()
+    data = model.SerializeToString()
+    if provider in ("auto", "cuda") and _CUDA in available:
+        try:
+            sess = ort.InferenceSession(data, _session_options(), providers=[_CUDA, _CPU])
+            if sess.get_providers()[0] == _CUDA:
+                return sess
+        except Exception as exc:  # noqa: BLE001 - a broken GPU setup falls back or is reported
+            if provider == "cuda":
+                raise ProviderError(f"CUDA provider failed to start: {str(exc).splitlines()[0]}") from None
+    if provider == "cuda":
+        raise ProviderError(
+            "--provider cuda: no usable CUDA provider here (install onnxruntime-gpu on a machine with a GPU)"
+        )
+    return ort.InferenceSession(data, _session_options(), providers=[_CPU])
+
+
+def check_provider(provider: str) -> None:
+    """Fail early, before any work, when ``provider`` cannot be used."""
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider '{provider}' (choose from {', '.join(PROVIDERS)})")
+    if provider == "cuda" and _CUDA not in ort.get_available_providers():
+        raise ProviderError(
+            "--provider cuda: onnxruntime has no CUDA provider here (install onnxruntime-gpu on a machine with a GPU)"
+        )
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = VALIDATION_SAMPLES) -> dict[str, np.ndarray]:
+    """Reproducible inputs for every graph input (normal floats, zero integers).
+
+    ``batch`` fills a dynamic first dimension; a fixed one is kept.
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, (dims, elem_type) in concrete_input_shapes(model, batch=batch).items():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[name] = np.zeros(dims, dtype=dtype)
+    return feeds
+
+
+def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], provider: str = "auto") -> tuple[dict, str]:
+    """Outputs of ``model`` on each feed, concatenated on the first axis, and the provider used."""
+    sess = session(model, provider)
+    names = [o.name for o in sess.get_outputs()]
+    runs = [sess.run(names, feed) for feed in feeds]
+    outs = {n: np.concatenate([r[i] for r in runs]) if runs[0][i].ndim else runs[0][i] for i, n in enumerate(names)}
+    return outs, sess.get_providers()[0]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))
+
+
+def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "auto", seed: int = 0) -> Drift:
+    """Run both models on the same random inputs; raise if the pruned one is unusable."""
+    feeds = [random_feeds(original, seed)]
+    batch = next(iter(feeds[0].values())).shape[0] if feeds[0] and next(iter(feeds[0].values())).ndim else 1
+    feeds += [random_feeds(original, seed + i) for i in range(1, -(-VALIDATION_SAMPLES // max(batch, 1)))]
+    ref, _ = run(original, feeds, provider)
+    try:
+        out, used = run(pruned, feeds, provider)
+    except ProviderError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any onnxruntime failure means: do not write
+        raise ValidationError(f"pruned model does not run in onnxruntime: {str(exc).splitlines()[0]}") from None
+    if list(ref) != list(out):
+        raise ValidationError(f"output names changed: {list(ref)} -> {list(out)}")
+    drifts = []
+    for name, a in ref.items():
+        b = out[name]
+        if a.shape != b.shape:
+            raise ValidationError(f"output '{name}' changed shape: {list(a.shape)} -> {list(b.shape)}")
+        if not np.all(np.isfinite(b)) and np.all(np.isfinite(a)):
+            raise ValidationError(f"output '{name}' of the pruned model has NaN or Inf values")
+        top1 = None
+        if a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating):
+            top1 = float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        drifts.append(OutputDrift(name, list(a.shape), float(diff.max()) if diff.size else 0.0, _cosine(a, b), top1))
+    return Drift(provider=used, samples=int(batch * len(feeds)), outputs=drifts)
