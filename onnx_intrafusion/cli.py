@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
                    help="onnxruntime provider for validation: auto = CUDA when usable, else CPU")
     p.add_argument("--seed", type=int, default=0, help="seed for random importance and validation inputs")
-    p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.add_argument("--quiet", action="store_true", help="print only errors (no progress, no report table)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -77,7 +77,9 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    # Progress goes to a terminal only: pipes and logs get the report alone.
+    show_progress = not args.quiet and sys.stderr.isatty()
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show_progress else None
     try:
         from .model_io import save_model
         from .pipeline import prune

@@ -172,7 +172,7 @@ def prune(
             only_outputs = all(r == coupling.OUTPUT_REASON for _, r in g.blocked)
             report.groups.append(GroupRow.from_group(g, g.size, "output" if only_outputs else "blocked"))
         elif g.id in maps:
-            report.groups.append(GroupRow.from_group(g, maps[g.id].keep, "pruned"))
+            report.groups.append(GroupRow.from_group(g, maps[g.id].keep, "pruned", maps[g.id].kept))
         else:
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
     with timer.stage("stats"):

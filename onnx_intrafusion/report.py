@@ -73,9 +73,10 @@ class GroupRow:
     consumers: list[str]
     params: list[str]
     blocked: list[dict] = field(default_factory=list)
+    kept: list[int] | None = None  # indices of the kept channels (pruned groups)
 
     @classmethod
-    def from_group(cls, group: Group, after: int, status: str) -> "GroupRow":
+    def from_group(cls, group: Group, after: int, status: str, kept=None) -> "GroupRow":
         return cls(
             id=group.id,
             channels_before=group.size,
@@ -85,6 +86,7 @@ class GroupRow:
             consumers=group.nodes(CONSUMER),
             params=group.nodes(PARAM),
             blocked=[{"node": n, "reason": r} for n, r in group.blocked],
+            kept=None if kept is None else [int(i) for i in kept],
         )
 
 

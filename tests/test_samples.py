@@ -1,0 +1,72 @@
+"""Every bundled sample (both torch exporters), both methods, several sparsities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_intrafusion import prune
+from onnx_intrafusion.report import count_macs
+
+from conftest import SAMPLE_FILES, assert_valid, feeds_for, run, sample
+
+
+@pytest.mark.parametrize("method", ["intrafusion", "prune"])
+@pytest.mark.parametrize("name", SAMPLE_FILES)
+def test_sparsity_zero_reproduces_outputs(name, method, load):
+    result = prune(sample(name), sparsity=0.0, method=method)
+    original = load(name)
+    assert_valid(result.model, original)
+    feeds = feeds_for(original, seed=3)
+    a, b = run(original, feeds), run(result.model, feeds)
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], atol=1e-5, rtol=0)
+    assert result.report.params_after == result.report.params_before
+    assert not result.report.pruned_groups
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("method", ["intrafusion", "prune"])
+@pytest.mark.parametrize("name", SAMPLE_FILES)
+def test_pruned_sample_is_valid_and_smaller(name, method, sparsity, load):
+    original = load(name)
+    result = prune(sample(name), sparsity=sparsity, method=method)
+    assert_valid(result.model, original)
+    rep = result.report
+    assert rep.params_after < rep.params_before
+    assert 0 < rep.macs_after < rep.macs_before
+    assert count_macs(result.model) == rep.macs_after
+    assert rep.pruned_groups, "at least one group must be pruned"
+    for g in rep.pruned_groups:
+        expected = max(1, int(np.floor((1 - sparsity) * g.channels_before + 0.5)))
+        assert g.channels_after == expected
+    # Only the classifier's output group is left as it is in these CNNs.
+    assert [g.status for g in rep.groups if g.status != "pruned"] == ["output"]
+    assert rep.validation is not None and rep.validation["outputs"][0]["shape"][-1] == 10
+
+
+def test_both_exporters_give_the_same_groups():
+    for arch in ("vgg", "resnet", "mobilenetv2"):
+        legacy = prune(sample(f"{arch}_legacy.onnx"), sparsity=0.5, validate=False).report
+        dynamo = prune(sample(f"{arch}_dynamo.onnx"), sparsity=0.5, validate=False).report
+        shape = lambda rep: sorted((g.channels_before, g.channels_after, g.status) for g in rep.groups)
+        assert shape(legacy) == shape(dynamo), arch
+        assert legacy.macs_after == dynamo.macs_after
+
+
+def test_resnet_residual_stream_is_one_group():
+    rep = prune(sample("resnet_legacy.onnx"), sparsity=0.5, validate=False).report
+    # stage widths 16/32/64: each residual stream ties the stage's last convs and its shortcut.
+    streams = [g for g in rep.groups if len(g.producers) > 1]
+    assert sorted(len(g.producers) for g in streams) == [3, 3, 3]
+    assert sorted(g.channels_before for g in streams) == [16, 32, 64]
+
+
+def test_intrafusion_moves_outputs_less_than_pruning_on_average():
+    """Not a law for random weights, but it must hold on average over the samples."""
+    cos = {"intrafusion": [], "prune": []}
+    for name in ("vgg_legacy.onnx", "resnet_legacy.onnx", "mobilenetv2_legacy.onnx", "vgg_unfolded_bn.onnx"):
+        for method in cos:
+            rep = prune(sample(name), sparsity=0.3, method=method).report
+            cos[method].append(rep.validation["outputs"][0]["cosine"])
+    assert np.mean(cos["intrafusion"]) > np.mean(cos["prune"])
