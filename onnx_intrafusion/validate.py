@@ -114,11 +114,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb))
 
 
-def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "auto", seed: int = 0) -> Drift:
+def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "auto", seed: int = 0,
+            samples: int = VALIDATION_SAMPLES) -> Drift:
     """Run both models on the same random inputs; raise if the pruned one is unusable."""
-    feeds = [random_feeds(original, seed)]
+    feeds = [random_feeds(original, seed, batch=samples)]
     batch = next(iter(feeds[0].values())).shape[0] if feeds[0] and next(iter(feeds[0].values())).ndim else 1
-    feeds += [random_feeds(original, seed + i) for i in range(1, -(-VALIDATION_SAMPLES // max(batch, 1)))]
+    feeds += [random_feeds(original, seed + i, batch=samples) for i in range(1, -(-samples // max(batch, 1)))]
     ref, _ = run(original, feeds, provider)
     try:
         out, used = run(pruned, feeds, provider)

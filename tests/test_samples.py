@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from onnx_intrafusion import prune
@@ -70,3 +71,20 @@ def test_intrafusion_moves_outputs_less_than_pruning_on_average():
             rep = prune(sample(name), sparsity=0.3, method=method).report
             cos[method].append(rep.validation["outputs"][0]["cosine"])
     assert np.mean(cos["intrafusion"]) > np.mean(cos["prune"])
+
+
+def test_fresh_exports_from_the_installed_torch(tmp_path):
+    """Re-export the samples with the torch installed now (both exporters) and prune them.
+
+    Guards against exporter changes: the committed files were made by one torch version.
+    """
+    import make_samples
+
+    paths = make_samples.export_all(tmp_path)
+    assert any(str(p).endswith("_dynamo.onnx") for p in paths.values())
+    for name, path in paths.items():
+        original = onnx.load(str(path))
+        result = prune(path, sparsity=0.5, method="intrafusion")
+        assert_valid(result.model, original)
+        assert result.report.macs_after < result.report.macs_before, name
+        assert [g.status for g in result.report.groups if g.status != "pruned"] == ["output"], name
