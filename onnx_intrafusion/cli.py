@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import OutputError, UsageError, UserError
+from .errors import (INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, TERMINATED_EXIT, OutputError, PruneWarning,
+                     UsageError, UserError)
+
+#: Set to 1 to print the traceback of an internal error (same as --debug).
+DEBUG_ENV = "ONNX_INTRAFUSION_DEBUG"
 
 EPILOG = """examples:
   onnx-intrafusion model.onnx model_pruned.onnx --sparsity 0.5
   onnx-intrafusion model.onnx small.onnx --sparsity 0.3 --method prune --importance l2 --report report.json
   python -m onnx_intrafusion in.onnx out.onnx --sparsity 0.5 --ot-reg 0.05 --provider cpu
 
-exit codes: 0 ok, 2 bad option, 3 unreadable or unsupported model, 4 nothing prunable,
-            5 pruned model failed validation (nothing written), 6 output not writable,
-            7 execution provider not usable
+exit codes: 0 ok, 1 internal error (a bug: please report; --debug shows the traceback),
+            2 bad option, 3 unreadable, invalid or unsupported model, 4 nothing prunable,
+            5 pruned model failed validation, 6 output not writable, 7 execution provider
+            not usable, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+            OUT is never left behind, complete or partial, unless the exit code is 0.
 """
 
 
@@ -56,14 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime provider for validation: auto = CUDA when usable, else CPU")
     p.add_argument("--seed", type=int, default=0, help="seed for random importance and validation inputs")
     p.add_argument("--quiet", action="store_true", help="print only errors (no progress, no report table)")
+    p.add_argument("--debug", action="store_true",
+                   help=f"print the traceback of an internal error (or set {DEBUG_ENV}=1)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists() and os.path.samefile(a, b):
+            return True
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
 def _check_paths(args: argparse.Namespace) -> None:
+    from .model_io import input_files
+
     src, dst = Path(args.input), Path(args.output)
-    if src.exists() and dst.exists() and os.path.samefile(src, dst) or src.resolve() == dst.resolve():
-        raise UsageError("OUT must differ from IN (the input is never overwritten)")
+    protected = input_files(src)  # IN and its external data files: never written
+    data = dst.with_name(dst.name + ".data")
+    if any(_same(p, dst) or _same(p, data) for p in protected):
+        raise UsageError("OUT must differ from IN and from its external data file (the input is never overwritten)")
     folder = dst.parent if str(dst.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"output folder does not exist: {folder}")
@@ -71,42 +95,95 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise OutputError(f"output folder is not writable: {folder}")
     if dst.is_dir():
         raise OutputError(f"output path is a directory: {dst}")
-    if args.report and not Path(args.report).resolve().parent.is_dir():
-        raise OutputError(f"report folder does not exist: {Path(args.report).parent}")
+    if args.report:
+        report = Path(args.report)
+        if any(_same(p, report) for p in [*protected, dst, data]):
+            raise UsageError("REPORT.json must differ from IN, OUT and their data files")
+        if not report.resolve().parent.is_dir():
+            raise OutputError(f"report folder does not exist: {report.parent}")
+        if report.is_dir():
+            raise OutputError(f"report path is a directory: {report}")
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler so that temporary files are cleaned up on the way out."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise _Terminated()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+    if issubclass(category, PruneWarning):
+        print(f"onnx-intrafusion: warning: {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Progress goes to a terminal only: pipes and logs get the report alone.
-    show_progress = not args.quiet and sys.stderr.isatty()
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show_progress else None
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        from .model_io import save_model
-        from .pipeline import prune
-
-        _check_paths(args)
-        result = prune(
-            args.input,
-            sparsity=args.sparsity,
-            method=args.method,
-            importance=args.importance,
-            seed=args.seed,
-            ot_reg=args.ot_reg,
-            ot_p=args.ot_p,
-            marginals=args.marginals,
-            validate=not args.no_validate,
-            provider=args.provider,
-            progress=say,
-        )
-        written = save_model(result.model, args.output)
-        if args.report:
-            _write_text(Path(args.report), result.report.to_json() + "\n")
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a worker): leave signals alone
+        previous = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", PruneWarning)
+            if not args.quiet:
+                warnings.showwarning = _show_warning
+            else:
+                warnings.simplefilter("ignore", PruneWarning)
+            return _run(args)
     except UserError as exc:
         print(f"onnx-intrafusion: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnx-intrafusion: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT
+    except _Terminated:
+        print("onnx-intrafusion: terminated; nothing written", file=sys.stderr)
+        return TERMINATED_EXIT
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, no partial output, traceback on request
+        if debug:
+            traceback.print_exc()
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        hint = "" if debug else f" (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
+        print(f"onnx-intrafusion: internal error, please report: {detail}; nothing written{hint}",
+              file=sys.stderr)
+        return INTERNAL_ERROR_EXIT
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Progress goes to a terminal only: pipes and logs get the report alone.
+    show_progress = not args.quiet and sys.stderr.isatty()
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show_progress else None
+    from .model_io import save_model
+    from .pipeline import prune
+
+    _check_paths(args)
+    result = prune(
+        args.input,
+        sparsity=args.sparsity,
+        method=args.method,
+        importance=args.importance,
+        seed=args.seed,
+        ot_reg=args.ot_reg,
+        ot_p=args.ot_p,
+        marginals=args.marginals,
+        validate=not args.no_validate,
+        provider=args.provider,
+        progress=say,
+    )
+    written = save_model(result.model, args.output)
+    if args.report:
+        try:
+            _write_text(Path(args.report), result.report.to_json() + "\n")
+        except BaseException:
+            for path in written:  # all or nothing: no OUT without the report that was asked for
+                path.unlink(missing_ok=True)
+            raise
     if not args.quiet:
         print(result.report.to_text())
         print(f"\nwrote {', '.join(str(p) for p in written)}")
@@ -119,4 +196,5 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write report {path}: {exc.strerror}") from None

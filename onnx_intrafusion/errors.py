@@ -1,8 +1,26 @@
 """Errors a user can act on, each with its process exit code.
 
-The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``;
-anything that is not a :class:`UserError` is a bug and keeps its traceback.
+The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``.
+Anything that is not a :class:`UserError` is a bug in the tool: the CLI prints
+a one-line "internal error, please report" and exits with
+:data:`INTERNAL_ERROR_EXIT` (the traceback is shown with ``--debug`` or
+``ONNX_INTRAFUSION_DEBUG=1``).  Nothing is ever written in either case.
+
+Exit codes: 0 ok, 1 internal error (a bug), 2 bad option, 3 bad or unsupported
+model, 4 nothing prunable, 5 validation failed, 6 output not writable,
+7 execution provider not usable, 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM).
 """
+
+#: Exit code of an unexpected exception (a bug in the tool).
+INTERNAL_ERROR_EXIT = 1
+#: Exit code after Ctrl-C (128 + SIGINT) and after SIGTERM (128 + SIGTERM).
+INTERRUPTED_EXIT = 130
+TERMINATED_EXIT = 143
+
+
+class PruneWarning(UserWarning):
+    """Something the user should know that did not stop the run (e.g. a custom op left a group unpruned)."""
 
 
 class UserError(Exception):

@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, ValidationError
 
 #: Models whose serialised size passes this are saved with external data
 #: (protobuf cannot hold more than 2 GiB in one message).
@@ -64,17 +64,22 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         external = False
     else:
         path = Path(source)
-        if not path.exists():
-            raise ModelError(f"input model not found: {path}")
-        if path.is_dir():
-            raise ModelError(f"input model is a directory, not a file: {path}")
-        if not os.access(path, os.R_OK):
-            raise ModelError(f"input model is not readable: {path}")
-        if path.stat().st_size == 0:
-            raise ModelError(f"input model is empty: {path}")
+        try:
+            if not path.exists():
+                raise ModelError(f"input model not found: {path}")
+            if path.is_dir():
+                raise ModelError(f"input model is a directory, not a file: {path}")
+            if not os.access(path, os.R_OK):
+                raise ModelError(f"input model is not readable (permission denied): {path}")
+            if path.stat().st_size == 0:
+                raise ModelError(f"input model is empty: {path}")
+        except OSError as exc:
+            raise ModelError(f"input model cannot be accessed: {path} ({_short(exc)})") from None
         try:
             model = onnx.load(str(path), load_external_data=False)
-        except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        except PermissionError:
+            raise ModelError(f"input model is not readable (permission denied): {path}") from None
+        except Exception as exc:  # noqa: BLE001 - any parse failure means: not a model we can read
             raise ModelError(f"input is not a readable ONNX model: {path} ({_short(exc)})") from None
         if not model.graph.node and not model.graph.output:
             raise ModelError(f"input is not an ONNX model (no graph): {path}")
@@ -82,17 +87,42 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         if external:
             try:
                 onnx.load_external_data_for_model(model, str(path.parent))
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - missing, unreadable or outside the model's folder
                 raise ModelError(
-                    f"external data of {path} cannot be read: {_short(exc)}"
+                    f"external data of {path} is missing or cannot be read: {_short(exc)}"
                 ) from None
     _check_supported(model)
     return LoadedModel(model=model, path=path, external_data=external)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """``path`` and the external data files it refers to (best effort: [path] if unreadable).
+
+    These are the files a run must never write to.
+    """
+    path = Path(path)
+    files = [path]
+    try:
+        if path.is_file():
+            model = onnx.load(str(path), load_external_data=False)
+            for init in model.graph.initializer:
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    for entry in init.external_data:
+                        if entry.key == "location" and entry.value:
+                            data = path.parent / entry.value
+                            if data not in files:
+                                files.append(data)
+    except Exception:  # noqa: BLE001 - an unreadable input is reported by load_model
+        pass
+    return files
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line (error messages are printed as one line)."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -102,16 +132,78 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
+#: Ops of quantized graphs: their weights are integers with scales, not float channels.
+QUANTIZED_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QuantizeLinear", "DequantizeLinear",
+    "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
+    "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QGemm", "QAttention",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
+})
+
+#: Domain of training ops (Gradient, Momentum, Adam, Adagrad).
+TRAINING_DOMAIN = "ai.onnx.preview.training"
+
+
+def _raw_sizes_ok(model: onnx.ModelProto) -> str | None:
+    """Name of an initializer whose stored bytes do not match its shape (truncated data), or None."""
+    for init in model.graph.initializer:
+        if not init.HasField("raw_data") or init.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        except Exception:  # noqa: BLE001 - exotic element types: not checked here
+            continue
+        if init.data_type in _PACKED_TYPES:
+            continue
+        if len(init.raw_data) != int(np.prod(init.dims, dtype=np.int64)) * itemsize:
+            return init.name
+    return None
+
+
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                 if hasattr(onnx.TensorProto, n)} | {onnx.TensorProto.STRING}
+
+
 def _check_supported(model: onnx.ModelProto) -> None:
-    """Refuse, with a reason, models the rest of the pipeline cannot handle."""
-    try:
-        if model.ByteSize() < 2**31 - 1:
-            onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ModelError(f"input model fails onnx.checker: {_short(exc)}") from None
+    """Refuse, with a reason, models that are invalid or that the pipeline cannot handle.
+
+    Invalid: fails onnx.checker (with strict shape inference), or weights whose
+    stored bytes do not match their shape.  Refused: opset < 9, training
+    graphs, quantized graphs.
+    """
     opset = default_opset(model)
     if opset < MIN_OPSET:
-        raise ModelError(f"opset {opset} is not supported (need {MIN_OPSET} or newer)")
+        raise ModelError(f"opset {opset} is not supported (need {MIN_OPSET} or newer); "
+                         f"convert it first, e.g. with onnx.version_converter")
+    small = model.ByteSize() < 2**31 - 1
+    try:
+        if small:
+            onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - ValidationError and C++ failures alike
+        raise ModelError(f"input model fails onnx.checker: {_short(exc)}") from None
+    bad = _raw_sizes_ok(model)
+    if bad is not None:
+        raise ModelError(f"input model is truncated or corrupt: weight '{bad}' does not hold as many "
+                         f"values as its shape says")
+    if model.training_info:
+        raise ModelError("training graphs are not supported (the model has training_info); "
+                         "export the model in inference (eval) mode")
+    for node in model.graph.node:
+        if node.domain == TRAINING_DOMAIN:
+            raise ModelError(f"training graphs are not supported (found {node.op_type} node '{node.name}'); "
+                             f"export the model in inference (eval) mode")
+        if node.op_type == "BatchNormalization" and any(
+                a.name == "training_mode" and a.i for a in node.attribute):
+            raise ModelError(f"training-mode graphs are not supported (BatchNormalization '{node.name}' has "
+                             f"training_mode=1); export the model in inference (eval) mode")
+        if node.op_type in QUANTIZED_OPS:
+            raise ModelError(f"quantized models are not supported (found {node.op_type} node '{node.name}'); "
+                             f"prune the float model, then quantize it")
+    if small:
+        try:
+            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        except Exception as exc:  # noqa: BLE001 - InferenceError and C++ failures alike
+            raise ModelError(f"input model fails ONNX shape inference: {_short(exc)}") from None
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -203,8 +295,9 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
     if external is None:
         external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     data_name = out.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnx_intrafusion-", dir=folder))
+    tmpdir = None
     try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".onnx_intrafusion-", dir=folder))
         tmp_model = tmpdir / out.name
         if external:
             onnx.save_model(
@@ -217,6 +310,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
             )
         else:
             onnx.save_model(model, str(tmp_model))
+        _check_written(tmp_model)
         written = []
         if external and (tmpdir / data_name).exists():
             os.replace(tmpdir / data_name, folder / data_name)
@@ -227,7 +321,17 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {_short(exc)}") from None
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _check_written(path: Path) -> None:
+    """The file we are about to rename into place must load and pass onnx.checker."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ValidationError(f"the written model fails onnx.checker (please report this bug): "
+                              f"{_short(exc)}") from None
 
 
 #: Size used for a dynamic input dimension other than the first (batch) one.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -18,7 +19,7 @@ import onnx
 
 from . import coupling, importance as importance_mod, model_io, plans, rewrite
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
-from .errors import NothingToPrune, UsageError, ValidationError
+from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
 from .report import GroupRow, Report, model_stats
 
 Progress = Callable[[str], None]
@@ -107,6 +108,18 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     return maps
 
 
+def _warn_custom_ops(graph, analysis: Analysis) -> None:
+    """Custom-domain ops that touch channels leave their groups unpruned: say so (not an error)."""
+    custom = {f"{n.name} ({n.op})" for n in graph.nodes if n.domain not in ("", "ai.onnx", None)}
+    touched = [g for g in analysis.groups if any(node in custom for node, _ in g.blocked)]
+    if touched:
+        nodes = sorted({node for g in touched for node, _ in g.blocked if node in custom})
+        more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
+        warnings.warn(PruneWarning(
+            f"{len(nodes)} custom-domain op(s) read pruned channels ({', '.join(nodes[:3])}{more}): "
+            f"the {len(touched)} channel group(s) they touch are left unpruned"), stacklevel=3)
+
+
 def prune(
     model: str | os.PathLike | onnx.ModelProto,
     sparsity: float = 0.5,
@@ -148,6 +161,7 @@ def prune(
         analysis = coupling.analyse(graph)
         values = {name: np.asarray(t.values) for name, t in graph.tensors().items()
                   if name in {m.constant for g in analysis.groups for m in g.members}}
+    _warn_custom_ops(graph, analysis)
     if not any(g.prunable for g in analysis.groups):
         reasons = sorted({r for g in analysis.groups for _, r in g.blocked})
         detail = f"; reasons: {'; '.join(reasons[:3])}" if reasons else ""

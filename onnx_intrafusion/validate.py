@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import ProviderError, ValidationError
+from .errors import ModelError, ProviderError, ValidationError
 from .model_io import concrete_input_shapes
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -46,7 +46,7 @@ class Drift:
 
 def _session_options() -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures are reported as one-line errors, not logged
     return opts
 
 
@@ -120,7 +120,15 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = 
     feeds = [random_feeds(original, seed, batch=samples)]
     batch = next(iter(feeds[0].values())).shape[0] if feeds[0] and next(iter(feeds[0].values())).ndim else 1
     feeds += [random_feeds(original, seed + i, batch=samples) for i in range(1, -(-samples // max(batch, 1)))]
-    ref, _ = run(original, feeds, provider)
+    try:
+        ref, _ = run(original, feeds, provider)
+    except ProviderError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. custom ops onnxruntime does not know
+        raise ModelError(
+            "cannot validate: the input model itself does not run in onnxruntime "
+            f"({' '.join(str(exc).split())[:200]}); rerun with --no-validate to skip validation"
+        ) from None
     try:
         out, used = run(pruned, feeds, provider)
     except ProviderError:
