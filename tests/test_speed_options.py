@@ -100,3 +100,81 @@ def test_cli_round_to(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "onnx_intrafusion", str(sample("vgg_legacy.onnx")), str(out),
                           "--round-to", "0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "round-to" in bad.stderr
+
+
+# -- global allocation -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet_legacy.onnx", "mobilenetv2_dynamo.onnx", "vgg_legacy.onnx"])
+@pytest.mark.parametrize("method", ["intrafusion", "prune"])
+def test_global_macs_target_is_reached_and_model_valid(name, method, load):
+    result = prune(sample(name), sparsity=0.5, method=method, allocation="global")
+    assert_valid(result.model, load(name))
+    rep = result.report
+    assert rep.options["allocation"] == "global" and rep.options["global_target"] == "macs"
+    kept = rep.macs_after / rep.macs_before
+    assert 0.47 <= kept <= 0.5 + 1e-9
+    sizes = sorted({g.channels_after / g.channels_before for g in rep.pruned_groups})
+    assert len(sizes) > 1, "global allocation should prune groups by different fractions"
+    assert all(g.channels_after >= 0.1 * g.channels_before for g in rep.groups)
+
+
+@pytest.mark.parametrize("cap", [0.3, 0.6, 0.9])
+def test_global_channels_target_and_cap(cap):
+    rep = prune(sample("resnet_legacy.onnx"), sparsity=0.5, allocation="global", global_target="channels",
+                max_group_sparsity=cap, validate=False).report
+    rows = [g for g in rep.groups if g.status in ("pruned", "unchanged")]
+    before, after = sum(g.channels_before for g in rows), sum(g.channels_after for g in rows)
+    for g in rows:
+        assert g.channels_after >= int(np.ceil((1 - cap) * g.channels_before - 1e-9))
+    if cap >= 0.5:
+        assert after == before - int(np.ceil(0.5 * before - 1e-9))
+    else:  # out of reach: everything the cap allows is removed
+        assert all(g.channels_after == int(np.ceil((1 - cap) * g.channels_before - 1e-9)) for g in rows)
+
+
+def test_global_allocation_prefers_weak_channels():
+    """Two groups: one with a few strong channels and many weak ones loses more."""
+    from onnx_intrafusion.allocation import global_keeps
+    from onnx_intrafusion.coupling import Analysis
+
+    uneven = np.array([5.0] * 4 + [0.1] * 12)
+    uneven /= uneven.mean()
+    even = np.ones(16) + np.linspace(-0.05, 0.05, 16)
+    analysis = Analysis(groups=[], axes={}, fixes=[], space_group={})
+    keeps = global_keeps(analysis, {0: uneven, 1: even}, 0.5, target="channels", max_group_sparsity=0.9)
+    assert keeps[0] < keeps[1] and keeps[0] + keeps[1] == 16
+    assert keeps[0] >= 2  # cap: at most 90% of 16 removed -> at least 2 kept
+    rounded = global_keeps(analysis, {0: uneven, 1: even}, 0.5, target="channels", round_to=4)
+    assert all(k % 4 == 0 for k in rounded.values())
+
+
+def test_global_sparsity_zero_changes_nothing(load):
+    result = prune(sample("resnet_legacy.onnx"), sparsity=0.0, allocation="global")
+    assert not result.report.pruned_groups
+
+
+@pytest.mark.parametrize("kwargs, words", [({"allocation": "magic"}, "allocation"),
+                                           ({"global_target": "flops"}, "global target"),
+                                           ({"max_group_sparsity": 1.0}, "max-group-sparsity")])
+def test_global_option_errors(kwargs, words):
+    from onnx_intrafusion.errors import UsageError
+
+    with pytest.raises(UsageError, match=words):
+        prune(sample("vgg_legacy.onnx"), **kwargs)
+
+
+def test_cli_global(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "onnx_intrafusion", str(sample("resnet_legacy.onnx")), str(out),
+                           "--sparsity", "0.4", "--global", "--max-group-sparsity", "0.8", "--report", str(rep),
+                           "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(rep.read_text())
+    assert report["options"]["allocation"] == "global" and report["options"]["max_group_sparsity"] == 0.8
+    assert 0.57 <= report["macs"]["after"] / report["macs"]["before"] <= 0.6 + 1e-9
