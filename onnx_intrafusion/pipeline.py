@@ -89,6 +89,12 @@ def _group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.nd
     return scored, features
 
 
+#: Progress (on a terminal) names every group at least this wide before planning it,
+#: and any group when the last message is older than PROGRESS_EVERY_S.
+PROGRESS_WIDE_GROUP = 512
+PROGRESS_EVERY_S = 1.0
+
+
 def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, group.id])
     return importance_mod.group_scores(scored, importance, rng)
@@ -115,6 +121,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     """
     maps = {}
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    last = time.perf_counter()
     for n, group in enumerate(todo, 1):
         if keeps is None:
             keep = plans.keep_count(group.size, sparsity, round_to)
@@ -122,6 +129,10 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
             keep = keeps.get(group.id, group.size)
         if keep == group.size:
             continue
+        if progress and (group.size >= PROGRESS_WIDE_GROUP or time.perf_counter() - last > PROGRESS_EVERY_S):
+            # Before the work: a wide group can take seconds (its cost matrix is C x k x features).
+            progress(f"  group {group.id}: {group.size} -> {keep} channels ({n}/{len(todo)})")
+            last = time.perf_counter()
         scored, features = _group_rows(group, values)
         scores = _scores(group, scored, importance, seed)
         kept = importance_mod.top_k(scores, keep)
@@ -130,8 +141,6 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
         else:
             mass = scores if marginals == "importance" else None
             maps[group.id] = plans.fusion(plans.normalised_features(features), kept, mass, ot_reg, ot_p)
-        if progress and len(todo) > 20 and n % 10 == 0:
-            progress(f"  planned {n}/{len(todo)} groups")
     return maps
 
 
@@ -200,9 +209,11 @@ def prune(
                                  max_group_sparsity, round_to)
         maps = plan_groups(analysis, values, sparsity, method, importance, seed, selected, ot_reg, ot_p,
                            marginals, round_to, progress, keeps)
+    del values  # the original weights' arrays: free them before the rewrite copies
     with timer.stage("rewrite"):
         rewrite.apply_maps(graph, analysis, maps)
         pruned = model_io.to_model(graph, original)
+        del graph  # the pruned model holds its own copy: keep peak memory down in validate
         try:
             # = check_model(full_check=True), whose strict shape inference
             # runs on a weightless copy (seconds faster on big models).

@@ -178,3 +178,17 @@ def test_cli_global(tmp_path):
     report = json.loads(rep.read_text())
     assert report["options"]["allocation"] == "global" and report["options"]["max_group_sparsity"] == 0.8
     assert 0.57 <= report["macs"]["after"] / report["macs"]["before"] <= 0.6 + 1e-9
+
+
+def test_progress_names_wide_groups(monkeypatch):
+    from onnx_intrafusion import pipeline
+
+    messages: list[str] = []
+    prune(sample("resnet_legacy.onnx"), sparsity=0.5, validate=False, progress=messages.append)
+    assert [m for m in messages if m.endswith(" ...")] == ["load ...", "groups ...", "plan ...", "rewrite ...",
+                                                          "stats ..."]
+    monkeypatch.setattr(pipeline, "PROGRESS_WIDE_GROUP", 16)
+    messages.clear()
+    rep = prune(sample("resnet_legacy.onnx"), sparsity=0.5, validate=False, progress=messages.append).report
+    groups = [m for m in messages if m.startswith("  group ")]
+    assert len(groups) == len(rep.pruned_groups) and "-> " in groups[0]
