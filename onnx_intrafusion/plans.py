@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial.distance import cdist
+from scipy.spatial.distance import cdist, pdist, squareform
 
 METHODS = ("intrafusion", "prune")
 MARGINALS = ("uniform", "importance")
@@ -122,29 +122,44 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0) -> np.nd
 
     The same values as ``ot.dist(features, features[kept], "minkowski", p=p)``
     (which loops over the feature axis in Python in POT 0.9 and took two
-    minutes on ResNet-50), computed by SciPy's C ``cdist``.  SciPy releases the
-    GIL, so large matrices are split by rows over the available cores; each
-    row is computed exactly as without splitting.
+    minutes on ResNet-50), computed by SciPy's C ``cdist``.  The k x k block
+    between kept channels is symmetric, so it comes from ``pdist`` (half the
+    work, bitwise the same distances); the other rows from ``cdist``.  SciPy
+    releases the GIL, so large matrices are split by rows over the available
+    cores; each row is computed exactly as without splitting.
     """
     x = np.ascontiguousarray(features, dtype=np.float64)
-    y = np.ascontiguousarray(x[np.asarray(kept)])
+    kept = np.asarray(kept)
+    y = np.ascontiguousarray(x[kept])
     if p == 1:
         metric, kwargs = "cityblock", {}
     elif p == 2:
         metric, kwargs = "euclidean", {}
     else:
         metric, kwargs = "minkowski", {"p": p}
+    out = np.empty((len(x), len(y)))
+    others = np.setdiff1d(np.arange(len(x)), kept)
+    symmetric = len(np.unique(kept)) == len(kept)
+    if not symmetric:
+        others = np.arange(len(x))
+
+    def block_of_kept() -> None:
+        out[kept] = squareform(pdist(y, metric, **kwargs))
+
+    def rows(idx: np.ndarray) -> None:
+        out[idx] = cdist(x[idx], y, metric, **kwargs)
+
     threads = min(_threads(), max(1, len(x) // 64))
     if threads == 1 or x.shape[0] * y.shape[0] * max(x.shape[1], 1) < PARALLEL_COST_WORK:
-        return cdist(x, y, metric, **kwargs)
-    out = np.empty((len(x), len(y)))
-    bounds = np.linspace(0, len(x), threads * 4 + 1).astype(int)
-
-    def part(i: int) -> None:
-        out[bounds[i]:bounds[i + 1]] = cdist(x[bounds[i]:bounds[i + 1]], y, metric, **kwargs)
-
+        if symmetric:
+            block_of_kept()
+        if len(others):
+            rows(others)
+        return out
+    tasks = [block_of_kept] if symmetric else []
+    tasks += [lambda idx=idx: rows(idx) for idx in np.array_split(others, threads * 4) if len(idx)]
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(part, range(len(bounds) - 1)))
+        list(pool.map(lambda task: task(), tasks))
     return out
 
 

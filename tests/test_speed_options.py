@@ -192,3 +192,15 @@ def test_progress_names_wide_groups(monkeypatch):
     rep = prune(sample("resnet_legacy.onnx"), sparsity=0.5, validate=False, progress=messages.append).report
     groups = [m for m in messages if m.startswith("  group ")]
     assert len(groups) == len(rep.pruned_groups) and "-> " in groups[0]
+
+
+@pytest.mark.parametrize("size, keep", [(50, 25), (50, 35), (50, 5), (9, 9)])
+def test_cost_matrix_is_bitwise_plain_cdist(size, keep):
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(size + keep)
+    feats = plans.normalised_features([rng.standard_normal((size, 17))])
+    kept = np.sort(rng.choice(size, keep, replace=False))
+    np.testing.assert_array_equal(plans.cost_matrix(feats, kept), cdist(feats, feats[kept], "cityblock"))
+    repeated = np.array([3, 3, 7])  # duplicates: no symmetric shortcut
+    np.testing.assert_array_equal(plans.cost_matrix(feats, repeated), cdist(feats, feats[repeated], "cityblock"))
