@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ot-p", type=float, default=1.0, help="Minkowski p of the transport ground cost (default 1)")
     p.add_argument("--marginals", choices=MARGINALS, default="uniform",
                    help="transport marginals: uniform (default) or importance-weighted")
+    p.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="every pruned group keeps a multiple of N channels (default 1); 8 or 16 suit GPU "
+                   "tensor cores and int8 kernels, whose fast paths want channel counts in such multiples")
+    p.add_argument("--global", dest="global_allocation", action="store_true",
+                   help="global allocation: rank channels across all groups (importance normalised by its "
+                   "group mean) and remove the least important until --sparsity of the MACs (or channels, "
+                   "see --global-target) is gone; default: every group loses --sparsity of its channels")
+    p.add_argument("--global-target", choices=("macs", "channels"), default="macs",
+                   help="with --global: what --sparsity is a fraction of (default macs)")
+    p.add_argument("--max-group-sparsity", type=float, default=0.9, metavar="S",
+                   help="with --global: no group loses more than this fraction of its channels (default 0.9)")
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check of the result")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
@@ -120,6 +131,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):  #
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .plans import preload_pot
+
+    preload_pot()  # POT without torch/jax/sklearn: seconds faster to start
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -172,6 +186,10 @@ def _run(args: argparse.Namespace) -> int:
         ot_reg=args.ot_reg,
         ot_p=args.ot_p,
         marginals=args.marginals,
+        round_to=args.round_to,
+        allocation="global" if args.global_allocation else "uniform",
+        global_target=args.global_target,
+        max_group_sparsity=args.max_group_sparsity,
         validate=not args.no_validate,
         provider=args.provider,
         progress=say,

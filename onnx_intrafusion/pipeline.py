@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from . import coupling, importance as importance_mod, model_io, plans, rewrite
+from . import allocation as allocation_mod, coupling, importance as importance_mod, model_io, plans, rewrite
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
 from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
 from .report import GroupRow, Report, model_stats
@@ -33,7 +33,8 @@ class PruneResult:
 
 
 def check_options(sparsity: float, method: str, importance: str, ot_reg: float = 0.0, ot_p: float = 1.0,
-                  marginals: str = "uniform", round_to: int = 1) -> None:
+                  marginals: str = "uniform", round_to: int = 1, allocation: str = "uniform",
+                  global_target: str = "macs", max_group_sparsity: float = 0.9) -> None:
     """Raise :class:`UsageError` for an option out of range, before any work."""
     if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0 or np.isnan(sparsity):
         raise UsageError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -49,6 +50,12 @@ def check_options(sparsity: float, method: str, importance: str, ot_reg: float =
         raise UsageError(f"ot-p must be >= 1, got {ot_p}")
     if int(round_to) < 1:
         raise UsageError(f"round-to must be >= 1, got {round_to}")
+    if allocation not in allocation_mod.ALLOCATIONS:
+        raise UsageError(f"unknown allocation '{allocation}' (choose from {', '.join(allocation_mod.ALLOCATIONS)})")
+    if global_target not in allocation_mod.TARGETS:
+        raise UsageError(f"unknown global target '{global_target}' (choose from {', '.join(allocation_mod.TARGETS)})")
+    if not isinstance(max_group_sparsity, (int, float)) or not 0.0 < float(max_group_sparsity) < 1.0:
+        raise UsageError(f"max-group-sparsity must be in (0, 1), got {max_group_sparsity}")
 
 
 class _Timer:
@@ -83,28 +90,58 @@ def _group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.nd
     return scored, features
 
 
+#: Progress (on a terminal) names every group at least this wide before planning it,
+#: and any group when the last message is older than PROGRESS_EVERY_S.
+PROGRESS_WIDE_GROUP = 512
+PROGRESS_EVERY_S = 1.0
+
+
+def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, group.id])
+    return importance_mod.group_scores(scored, importance, rng)
+
+
+def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
+                 seed: int = 0, selected: set[int] | None = None, target: str = "macs",
+                 max_group_sparsity: float = 0.9, round_to: int = 1) -> dict[int, int]:
+    """Channels kept per group under global allocation (see :mod:`allocation`)."""
+    todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    scores = {g.id: _scores(g, _group_rows(g, values)[0], importance, seed) for g in todo}
+    macs = allocation_mod.node_macs(graph, analysis) if target == "macs" else None
+    return allocation_mod.global_keeps(analysis, scores, sparsity, macs, target, max_group_sparsity, round_to)
+
+
 def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, method: str,
                 importance: str, seed: int = 0, selected: set[int] | None = None, ot_reg: float = 0.0,
                 ot_p: float = 1.0, marginals: str = "uniform", round_to: int = 1,
-                progress: Progress | None = None) -> dict[int, plans.ChannelMap]:
-    """A channel map for every prunable (and selected) group."""
+                progress: Progress | None = None, keeps: dict[int, int] | None = None) -> dict[int, plans.ChannelMap]:
+    """A channel map for every prunable (and selected) group.
+
+    ``keeps`` (group id -> channels kept, from :func:`global_keeps`) replaces
+    the uniform ``sparsity``; groups missing from it are left unchanged.
+    """
     maps = {}
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    last = time.perf_counter()
     for n, group in enumerate(todo, 1):
-        keep = plans.keep_count(group.size, sparsity, round_to)
+        if keeps is None:
+            keep = plans.keep_count(group.size, sparsity, round_to)
+        else:
+            keep = keeps.get(group.id, group.size)
         if keep == group.size:
             continue
+        if progress and (group.size >= PROGRESS_WIDE_GROUP or time.perf_counter() - last > PROGRESS_EVERY_S):
+            # Before the work: a wide group can take seconds (its cost matrix is C x k x features).
+            progress(f"  group {group.id}: {group.size} -> {keep} channels ({n}/{len(todo)})")
+            last = time.perf_counter()
         scored, features = _group_rows(group, values)
-        rng = np.random.default_rng([seed, group.id])
-        scores = importance_mod.group_scores(scored, importance, rng)
+        scores = _scores(group, scored, importance, seed)
         kept = importance_mod.top_k(scores, keep)
         if method == "prune":
             maps[group.id] = plans.selection(group.size, kept)
         else:
             mass = scores if marginals == "importance" else None
             maps[group.id] = plans.fusion(plans.normalised_features(features), kept, mass, ot_reg, ot_p)
-        if progress and len(todo) > 20 and n % 10 == 0:
-            progress(f"  planned {n}/{len(todo)} groups")
     return maps
 
 
@@ -132,6 +169,9 @@ def prune(
     ot_p: float = 1.0,
     marginals: str = "uniform",
     round_to: int = 1,
+    allocation: str = "uniform",
+    global_target: str = "macs",
+    max_group_sparsity: float = 0.9,
     validate: bool = True,
     provider: str = "auto",
     progress: Progress | None = None,
@@ -142,16 +182,25 @@ def prune(
     pruning to those group ids (as listed in the report; others untouched).
     Returns the pruned model and a :class:`Report`; raises a
     :class:`~onnx_intrafusion.errors.UserError` subclass for bad input.
+
+    ``allocation="global"`` ranks channels across all groups instead of
+    removing ``sparsity`` of every group: ``sparsity`` of the MACs
+    (``global_target="macs"``) or of the prunable channels (``"channels"``)
+    is removed, no group losing more than ``max_group_sparsity`` of its
+    channels (see :mod:`onnx_intrafusion.allocation`).
     """
-    check_options(sparsity, method, importance, ot_reg, ot_p, marginals, round_to)
+    check_options(sparsity, method, importance, ot_reg, ot_p, marginals, round_to, allocation, global_target,
+                  max_group_sparsity)
     if validate:
         from .validate import check_provider
 
         check_provider(provider)
     timer = _Timer(progress)
     options = dict(sparsity=sparsity, method=method, importance=importance, seed=seed, ot_reg=ot_reg,
-                   ot_p=ot_p, marginals=marginals, round_to=round_to,
+                   ot_p=ot_p, marginals=marginals, round_to=round_to, allocation=allocation,
                    groups=None if groups is None else sorted(groups))
+    if allocation == "global":
+        options.update(global_target=global_target, max_group_sparsity=max_group_sparsity)
 
     with timer.stage("load"):
         loaded = model_io.load_model(model)
@@ -168,14 +217,23 @@ def prune(
         raise NothingToPrune(f"no channel group can be pruned safely ({len(analysis.groups)} groups found{detail})")
     selected = None if groups is None else set(groups)
     with timer.stage("plan"):
+        keeps = None
+        if allocation == "global":
+            keeps = global_keeps(graph, analysis, values, sparsity, importance, seed, selected, global_target,
+                                 max_group_sparsity, round_to)
         maps = plan_groups(analysis, values, sparsity, method, importance, seed, selected, ot_reg, ot_p,
-                           marginals, round_to, progress)
+                           marginals, round_to, progress, keeps)
+    del values  # the original weights' arrays: free them before the rewrite copies
     with timer.stage("rewrite"):
         rewrite.apply_maps(graph, analysis, maps)
         pruned = model_io.to_model(graph, original)
+        del graph  # the pruned model holds its own copy: keep peak memory down in validate
         try:
+            # = check_model(full_check=True), whose strict shape inference
+            # runs on a weightless copy (seconds faster on big models).
             if pruned.ByteSize() < 2**31 - 1:
-                onnx.checker.check_model(pruned, full_check=True)
+                onnx.checker.check_model(pruned)
+            onnx.shape_inference.infer_shapes(model_io.weightless(pruned), check_type=True, strict_mode=True)
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None

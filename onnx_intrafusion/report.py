@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .coupling import CONSUMER, PARAM, PRODUCER, Group
-from .model_io import concrete_input_shapes, params_count, with_input_shapes
+from .model_io import concrete_input_shapes, params_count, weightless, with_input_shapes
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -33,7 +33,7 @@ def count_macs(model: onnx.ModelProto) -> int:
     Dynamic dimensions other than the batch take ``DEFAULT_DYNAMIC_DIM``.
     """
     try:
-        inferred = with_input_shapes(model, concrete_input_shapes(model, batch=1))
+        inferred = with_input_shapes(weightless(model), concrete_input_shapes(model, batch=1))
     except Exception:  # noqa: BLE001 - shape inference can fail on exotic graphs
         return 0
     shapes = _shapes(inferred)

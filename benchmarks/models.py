@@ -1,0 +1,142 @@
+"""Full-size benchmark CNNs (random weights), exported once and cached.
+
+torchvision is not a dependency, so the two architectures are defined here:
+
+* ``resnet50``: bottleneck blocks 3-4-6-3, widths 64..2048, ~25.6M params,
+  ~4.1 GMACs at 224x224 (the torchvision ResNet-50 layout);
+* ``mobilenetv2``: inverted residuals, width 1.0, ~3.5M params, ~0.3 GMACs.
+
+BatchNorm gets non-trivial statistics and the model is exported in eval mode
+with the legacy (TorchScript) exporter, opset 17, 224x224 input and a dynamic
+batch dimension, so BN is folded into the convs as users get it.
+
+    python benchmarks/models.py            # exports into results/models/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "results" / "models"
+MODELS = ("resnet50", "mobilenetv2")
+
+
+def _torch():
+    import torch
+    import torch.nn as nn
+
+    return torch, nn
+
+
+def build(name: str, seed: int = 0):
+    torch, nn = _torch()
+    torch.manual_seed(seed)
+
+    def conv_bn(cin, cout, k=1, stride=1, groups=1, act=True, act_fn=nn.ReLU):
+        layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+        if act:
+            layers.append(act_fn(inplace=True))
+        return layers
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin, width, stride):
+            super().__init__()
+            cout = width * 4
+            self.body = nn.Sequential(*conv_bn(cin, width, 1), *conv_bn(width, width, 3, stride),
+                                      *conv_bn(width, cout, 1, act=False))
+            self.short = (nn.Sequential(*conv_bn(cin, cout, 1, stride, act=False))
+                          if stride != 1 or cin != cout else nn.Identity())
+            self.relu = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.relu(self.body(x) + self.short(x))
+
+    class ResNet50(nn.Module):
+        def __init__(self, classes=1000):
+            super().__init__()
+            layers = [*conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1)]
+            cin = 64
+            for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+                for i in range(blocks):
+                    layers.append(Bottleneck(cin, width, stride if i == 0 else 1))
+                    cin = width * 4
+            self.features = nn.Sequential(*layers)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(cin, classes)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+    class InvertedResidual(nn.Module):
+        def __init__(self, cin, cout, stride, expand):
+            super().__init__()
+            hidden = cin * expand
+            layers = [] if expand == 1 else conv_bn(cin, hidden, 1, act_fn=nn.ReLU6)
+            layers += conv_bn(hidden, hidden, 3, stride, groups=hidden, act_fn=nn.ReLU6)
+            layers += conv_bn(hidden, cout, 1, act=False)
+            self.body = nn.Sequential(*layers)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.body(x) if self.residual else self.body(x)
+
+    class MobileNetV2(nn.Module):
+        def __init__(self, classes=1000):
+            super().__init__()
+            layers = conv_bn(3, 32, 3, 2, act_fn=nn.ReLU6)
+            cin = 32
+            for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                               (6, 160, 3, 2), (6, 320, 1, 1)):
+                for i in range(n):
+                    layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                    cin = c
+            layers += conv_bn(cin, 1280, 1, act_fn=nn.ReLU6)
+            self.features = nn.Sequential(*layers)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Linear(1280, classes)
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+    model = {"resnet50": ResNet50, "mobilenetv2": MobileNetV2}[name]()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+def export(name: str, out: Path | None = None) -> Path:
+    """Path of the exported model, exporting it on first use."""
+    out = out or CACHE / f"{name}.onnx"
+    if out.exists():
+        return out
+    torch, _ = _torch()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = build(name)
+    tmp = out.with_suffix(".tmp.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(tmp), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    tmp.replace(out)
+    return out
+
+
+def all_models() -> dict[str, Path]:
+    return {name: export(name) for name in MODELS}
+
+
+if __name__ == "__main__":
+    for name, path in all_models().items():
+        print(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stdout)
