@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fcntl
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +62,7 @@ class VGG11BN(nn.Module):
     and 8; 28x28 allows only four 2x poolings, so the pool after conv 6 is
     dropped (convs 5-8 all run at 3x3 and the last pool takes 3x3 -> 1x1)."""
 
-    def __init__(self, widths=(24, 48, 96, 96, 192, 192, 192, 192), hidden=256, num_classes=10):
+    def __init__(self, widths=(16, 32, 64, 64, 128, 128, 128, 128), hidden=256, num_classes=10):
         super().__init__()
         w = widths
         cfg = [w[0], "M", w[1], "M", w[2], w[3], "M", w[4], w[5], w[6], w[7], "M"]
@@ -102,7 +104,7 @@ class ResNet18(nn.Module):
     14, 7, 4, 2 (stage 1 has identity shortcuts, stages 2-4 start with a stride-2
     block with a conv1x1+BN projection), global average pool, Linear."""
 
-    def __init__(self, widths=(24, 48, 96, 192), num_classes=10):
+    def __init__(self, widths=(16, 32, 64, 128), num_classes=10):
         super().__init__()
         self.stem = nn.Sequential(*conv_bn_relu(1, widths[0]), nn.MaxPool2d(2))
         blocks, cin = [], widths[0]
@@ -230,7 +232,7 @@ def train_model(name, x_tr, y_tr, x_te, y_te, epochs, seed, aug):
                                                 div_factor=10.0, final_div_factor=100.0)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     history = []
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     print(f"[{name}] params={params:,} epochs={epochs} batch={r['batch']} lr={r['lr']} "
           f"wd={r['wd']} aug={aug}", flush=True)
     for ep in range(1, epochs + 1):
@@ -257,9 +259,10 @@ def train_model(name, x_tr, y_tr, x_te, y_te, epochs, seed, aug):
                             test_acc=round(acc, 4), seconds=round(time.time() - te, 1)))
         print(f"[{name}] epoch {ep}/{epochs} loss={tot_loss / n:.4f} train_acc={tot_ok / n:.4f} "
               f"test_acc={acc:.4f} ({time.time() - te:.0f}s, total {time.time() - t0:.0f}s)", flush=True)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - c0
     model = model.to(memory_format=torch.contiguous_format).eval()
-    return model, dict(params=params, epochs=epochs, train_seconds=round(wall, 1), history=history)
+    return model, dict(params=params, epochs=epochs, train_seconds=round(wall, 1), train_cpu_seconds=round(cpu, 1),
+                       history=history)
 
 
 # --------------------------------------------------------------------------- export / check
@@ -422,6 +425,8 @@ def main(argv=None):
             epochs = args.epochs or RECIPES[name]["epochs"]
             model, info = train_model(name, x_tr, y_tr, x_te, y_te, epochs, args.seed, aug)
             files = export_all(name, model, x_te, y_te, outdir, (1, 28, 28), args.exporters.split(","))
+            lock = open(Path(tempfile.gettempdir()) / "onnx_intrafusion_fashion_meta.lock", "w")  # parallel runs
+            fcntl.flock(lock, fcntl.LOCK_EX)
             meta = load_meta(meta_path)
             meta.setdefault("dataset", dict(
                 name="Fashion-MNIST", source="Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)",
@@ -433,7 +438,8 @@ def main(argv=None):
             for fname, fi in files.items():
                 meta["files"][fname] = dict(
                     model=name, **fi, params=info["params"], epochs=info["epochs"],
-                    train_wall_seconds=info["train_seconds"], seed=args.seed, threads=args.threads,
+                    train_wall_seconds=info["train_seconds"],
+                    train_cpu_seconds=info["train_cpu_seconds"], seed=args.seed, threads=args.threads,
                     torch_version=torch.__version__,
                     input_normalisation=dict(mean=datasets.FASHION_MEAN, std=datasets.FASHION_STD),
                     training=dict(optimizer="SGD nesterov momentum 0.9", lr_schedule="OneCycle", max_lr=r["lr"],
@@ -441,6 +447,8 @@ def main(argv=None):
                                   augmentation="random crop (pad 2) + horizontal flip"),
                     history=info["history"])
             meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
 
     if "digits" in models:
         x_tr, y_tr = datasets.load_digits_split("train")
@@ -465,7 +473,8 @@ def main(argv=None):
                                                   std=datasets.DIGITS_STD)),
             files={"digits_cnn.onnx": dict(
                 model="digits_cnn", **fi, params=info["params"], epochs=info["epochs"],
-                train_wall_seconds=info["train_seconds"], seed=args.seed, threads=args.threads,
+                train_wall_seconds=info["train_seconds"],
+                    train_cpu_seconds=info["train_cpu_seconds"], seed=args.seed, threads=args.threads,
                 torch_version=torch.__version__,
                 input_normalisation=dict(mean=datasets.DIGITS_MEAN, std=datasets.DIGITS_STD),
                 l1_prune_50pct_zeroed_no_finetune_test_acc=round(pruned, 4),
