@@ -1,0 +1,121 @@
+"""Corrupted inputs never crash the tool; the same input and options give byte-identical output.
+
+Corruption cases: ``ONNX_INTRAFUSION_CORRUPT_CASES`` (default 40) random byte flips,
+truncations, deletions and insertions of valid models, run through the CLI in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_intrafusion import cli
+
+from conftest import ROOT, assert_valid, sample
+from fuzz_models import build
+
+CORRUPT_CASES = int(os.environ.get("ONNX_INTRAFUSION_CORRUPT_CASES", "40"))
+
+#: Exit codes a corrupted input may produce: success (the damage hit weights only) or a user error.
+#: 1 (internal error) is a bug.
+CLEAN_CODES = {0, 2, 3, 4, 5, 6, 7}
+
+SMALL_SPEC = {"opset": 17, "in_ch": 3, "size": 8, "dyn_batch": True, "head": "gap_gemm", "classes": 4,
+              "seed": 7, "aux_out": False, "trans_b": True,
+              "blocks": [("conv", 6, 3, 1, True, True, "Relu"), ("res", 3, False), ("se", 2), ("cat", 3, 3)]}
+
+
+def corrupt(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
+    kind = rng.choice(["flip", "flip", "truncate", "delete", "insert"])
+    buf = bytearray(data)
+    if kind == "flip":
+        for pos in rng.integers(0, len(buf), size=int(rng.integers(1, 9))):
+            buf[pos] ^= 1 << int(rng.integers(0, 8))
+    elif kind == "truncate":
+        buf = buf[: int(rng.integers(1, len(buf)))]
+    elif kind == "delete":
+        start = int(rng.integers(0, len(buf)))
+        del buf[start:start + int(rng.integers(1, 64))]
+    else:
+        start = int(rng.integers(0, len(buf)))
+        buf[start:start] = rng.bytes(int(rng.integers(1, 64)))
+    return str(kind), bytes(buf)
+
+
+def _sources(tmp_path: Path) -> list[bytes]:
+    small = build(SMALL_SPEC).SerializeToString()
+    return [small, small, sample("vgg_legacy.onnx").read_bytes()]  # small model twice: structure is hit more
+
+
+@pytest.mark.parametrize("case", range(CORRUPT_CASES))
+def test_corrupted_input_fails_cleanly_or_gives_a_valid_model(tmp_path, capsys, case):
+    rng = np.random.default_rng([2024, case])
+    sources = _sources(tmp_path)
+    data = sources[case % len(sources)]
+    kind, bad = corrupt(data, rng)
+    src, out = tmp_path / "bad.onnx", tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    src.write_bytes(bad)
+    code = cli.main([str(src), str(out), "--sparsity", "0.5", "--quiet"])
+    _, err = capsys.readouterr()
+    assert code in CLEAN_CODES, f"{kind}: exit {code}: {err}"
+    assert "Traceback" not in err
+    assert src.read_bytes() == bad  # the input is never modified
+    if code == 0:
+        assert_valid(onnx.load(str(out)), onnx.load(str(src)))
+        assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx"]
+    else:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onnx-intrafusion: error:"), err
+        assert list(out.parent.iterdir()) == []
+
+
+def test_corruption_cases_cover_both_outcomes(tmp_path, capsys):
+    """The corruption test is only meaningful if some cases are refused and the mutations are real."""
+    rng = np.random.default_rng([2024, 0])
+    data = _sources(tmp_path)[0]
+    kinds = set()
+    for _ in range(20):
+        kind, bad = corrupt(data, rng)
+        kinds.add(kind)
+        assert bad != data
+    assert kinds == {"flip", "truncate", "delete", "insert"}
+
+
+# -- determinism ------------------------------------------------------------------------
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cli_run(src: Path, out: Path, hash_seed: str, *opts: str) -> str:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "onnx_intrafusion", str(src), str(out), "--quiet", "--no-validate",
+                           *opts], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return _sha(out)
+
+
+@pytest.mark.parametrize("opts", [
+    ("--method", "intrafusion"),
+    ("--method", "prune", "--importance", "l2"),
+    ("--method", "intrafusion", "--importance", "random", "--seed", "5"),
+])
+def test_same_input_and_options_give_identical_bytes(tmp_path, opts):
+    src = sample("resnet_dynamo.onnx")
+    inputs = [src, src.with_name(src.name + ".data")]
+    before = [_sha(p) for p in inputs]
+    first = _cli_run(src, tmp_path / "a.onnx", "1", *opts)
+    second = _cli_run(src, tmp_path / "b.onnx", "2", *opts)  # another process, another hash seed
+    assert first == second
+    assert [_sha(p) for p in inputs] == before  # the input and its external data are untouched
+    if "random" in opts:  # the seed matters: the test above could fail
+        assert _cli_run(src, tmp_path / "c.onnx", "1", *opts[:-1], "6") != first
