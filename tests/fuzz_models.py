@@ -10,6 +10,7 @@ Blocks (each reads the current feature map ``x`` of width ``c``):
 * ``("conv", width, kernel, stride, bias, bn, act)``: Conv [+ BatchNormalization] [+ activation]
 * ``("res", kernel, proj)``: x + conv(relu(conv(x))) (proj: the shortcut is a 1x1 Conv)
 * ``("cat", w1, w2)``: Concat(conv1x1(x), conv3x3(x)) on the channel axis
+* ``("dense", w)``: Concat(relu(conv3x3(x)), x) (DenseNet style; x may be the graph input)
 * ``("dw", mult, kernel, stride)``: depthwise Conv (channel multiplier) + Relu + pointwise Conv
 * ``("se", reduced)``: x * sigmoid(conv(relu(conv(GlobalAveragePool(x)))))
 * ``("pool", kind)``: MaxPool / AveragePool 2x2
@@ -55,6 +56,7 @@ block = st.one_of(
               st.sampled_from(ACTS)),
     st.tuples(st.just("res"), st.sampled_from([1, 3]), st.booleans()),
     st.tuples(st.just("cat"), widths, widths),
+    st.tuples(st.just("dense"), widths),
     st.tuples(st.just("dw"), st.sampled_from([1, 1, 2]), st.sampled_from([3, 5]), st.sampled_from([1, 2])),
     st.tuples(st.just("se"), st.integers(1, 6)),
     st.tuples(st.just("pool"), st.sampled_from(["MaxPool", "AveragePool"])),
@@ -169,6 +171,9 @@ def build(spec: dict) -> onnx.ModelProto:
             y1 = b.node("Relu", [b.conv(x, c, w1, 1)])
             y2 = b.node("Relu", [b.conv(x, c, w2, 3)])
             x, c = b.node("Concat", [y1, y2], axis=1), w1 + w2
+        elif kind == "dense":
+            y = b.node("Relu", [b.conv(x, c, blk[1], 3)])
+            x, c = b.node("Concat", [y, x], axis=1), blk[1] + c
         elif kind == "dw":
             _, mult, k, stride = blk
             if hw < 2:

@@ -47,20 +47,21 @@ def _note(text: str) -> None:
         pass
 
 
-def _check_pruned(spec: dict, sparsity: float, method: str) -> None:
+def _check_pruned(spec: dict, sparsity: float, method: str, **options):
     original = build(spec)
     onnx.checker.check_model(original, full_check=True)  # the generator itself must be right
     try:
-        result = prune(original, sparsity=sparsity, method=method, seed=spec["seed"] % 7)
+        result = prune(original, sparsity=sparsity, method=method, seed=spec["seed"] % 7, **options)
     except NothingToPrune:
         _note(f"{method}: nothing to prune")
-        return
+        return None
     _note(f"{method}: {'pruned' if result.report.pruned_groups else 'unchanged'}")
     assert_valid(result.model, original)
     assert params_count(result.model) <= params_count(original)
     assert result.report.params_after <= result.report.params_before
     if result.report.pruned_groups:
         assert result.report.params_after < result.report.params_before
+    return result
 
 
 def _check_identity(spec: dict, method: str) -> None:
@@ -77,11 +78,20 @@ def _check_identity(spec: dict, method: str) -> None:
         np.testing.assert_allclose(b[key], a[key], atol=1e-5, rtol=1e-5)
 
 
+options = st.fixed_dictionaries({
+    "importance": st.sampled_from(["l1", "l1", "l2", "linf", "random"]),
+    "marginals": st.sampled_from(["uniform", "uniform", "importance"]),
+    "ot_reg": st.sampled_from([0.0, 0.0, 0.01, 0.1]),
+    "ot_p": st.sampled_from([1.0, 1.0, 2.0]),
+})
+
+
 @fuzz_settings
-@given(spec=specs, sparsity=st.floats(0.05, 0.95), identity_method=st.sampled_from(["intrafusion", "prune"]))
-def test_random_cnn_prunes_to_a_valid_model(spec, sparsity, identity_method):
-    for method in ("intrafusion", "prune"):
-        _check_pruned(spec, sparsity, method)
+@given(spec=specs, sparsity=st.floats(0.05, 0.95), identity_method=st.sampled_from(["intrafusion", "prune"]),
+       options=options)
+def test_random_cnn_prunes_to_a_valid_model(spec, sparsity, identity_method, options):
+    _check_pruned(spec, sparsity, "intrafusion", **options)
+    _check_pruned(spec, sparsity, "prune", importance=options["importance"])
     _check_identity(spec, identity_method)
 
 
@@ -91,9 +101,10 @@ def test_every_head_and_block_kind(head, opset):
     """One model per head and opset that holds every block kind: the vocabulary itself works."""
     spec = {"opset": opset, "in_ch": 3, "size": 8, "dyn_batch": opset % 2 == 1, "head": head, "classes": 5,
             "seed": opset, "blocks": [("conv", 8, 3, 1, True, True, "Relu"), ("res", 3, False), ("cat", 4, 4),
-                                      ("dw", 2, 3, 2, ), ("se", 2), ("pool", "MaxPool"), ("swish",),
+                                      ("dense", 3), ("dw", 2, 3, 2, ), ("se", 2), ("pool", "MaxPool"), ("swish",),
                                       ("res", 1, True), ("nhwc", 5), ("bn",), ("unary", "Dropout"),
                                       ("conv", 6, 1, 1, False, False, "Clip")],
             "aux_out": opset == 18, "trans_b": opset != 17}
-    _check_pruned(spec, 0.5, "intrafusion")
+    result = _check_pruned(spec, 0.5, "intrafusion")
+    assert result is not None and len(result.report.pruned_groups) >= 8
     _check_identity(spec, "prune")
