@@ -258,12 +258,48 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto, infer: bool = True) -> 
     del model.functions[:]
     model.functions.extend(template.functions)
     model.graph.name = template.graph.name
+    _keep_weight_inputs(model, template)
     if infer and model.ByteSize() < 2**31 - 1:
         try:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
             pass
     return model
+
+
+def _keep_weight_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Keep the template's graph inputs that are initializers, in the template's order.
+
+    Old exporters (IR < 4, where this is required) and
+    ``torch.onnx.export(keep_initializers_as_inputs=True)`` list weights as
+    graph inputs; onnx-graphsurgeon drops them on import.  They are put back
+    with their (possibly pruned) shapes so the graph keeps its input names, and
+    for IR < 4 every initializer is listed, as the checker requires.
+    """
+    current = {vi.name: vi for vi in model.graph.input}
+    weights = {init.name: init for init in model.graph.initializer}
+    template_weights = {init.name: init for init in template.graph.initializer}
+    wanted = [vi.name for vi in template.graph.input]
+    if template.ir_version < 4:
+        wanted += [name for name in weights if name not in wanted]
+    if all(name in current for name in wanted if name in weights or name in template_weights):
+        return
+    inputs = []
+    for name in wanted:
+        if name in current:
+            inputs.append(current.pop(name))
+            continue
+        init = weights.get(name)
+        if init is None and name in template_weights:
+            # A listed weight that the rewrite replaced (e.g. a shared Reshape shape): keep the
+            # original, unused, so that the input name survives.
+            init = template_weights[name]
+            model.graph.initializer.append(init)
+        if init is not None:
+            inputs.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+    inputs.extend(current.values())
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
 
 
 def params_count(model: onnx.ModelProto) -> int:

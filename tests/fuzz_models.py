@@ -22,7 +22,9 @@ Blocks (each reads the current feature map ``x`` of width ``c``):
 Heads: ``gap_gemm`` (GlobalAveragePool, Flatten, Gemm with random transB), ``flatten_gemm``
 (Flatten of the spatial map, Gemm), ``reshape_gemm`` (Reshape of the spatial map to 2-D, Gemm),
 ``mean_matmul`` (ReduceMean, MatMul, Add), ``conv_out`` (the last feature map is the graph
-output).  ``aux_out`` also makes the first block's output a graph output.
+output).  ``aux_out`` also makes the first block's output a graph output;
+``weights_as_inputs`` also lists every initializer as a graph input (old exporters, and
+torch.onnx.export(keep_initializers_as_inputs=True)).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ specs = st.fixed_dictionaries({
     "seed": st.integers(0, 2**16),
     "aux_out": st.booleans(),
     "trans_b": st.booleans(),
+    "weights_as_inputs": st.booleans(),
 })
 
 
@@ -246,11 +249,11 @@ def build(spec: dict) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)]
     if spec.get("aux_out") and aux is not None and aux[0] != out:
         outputs.append(helper.make_tensor_value_info(aux[0], TensorProto.FLOAT, [batch, aux[1], aux[2], aux[2]]))
-    graph = helper.make_graph(
-        b.nodes, "fuzz",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, spec["in_ch"], spec["size"], spec["size"]])],
-        outputs, b.inits,
-    )
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, spec["in_ch"], spec["size"],
+                                                                          spec["size"]])]
+    if spec.get("weights_as_inputs"):
+        inputs += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in b.inits]
+    graph = helper.make_graph(b.nodes, "fuzz", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec["opset"])],
                               producer_name="fuzz")
     model.ir_version = ir_version_for(spec["opset"])

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_intrafusion import cli
+from onnx_intrafusion import cli, prune
 
 from conftest import ROOT, assert_valid, sample
 from fuzz_models import build
@@ -119,3 +119,57 @@ def test_same_input_and_options_give_identical_bytes(tmp_path, opts):
     assert [_sha(p) for p in inputs] == before  # the input and its external data are untouched
     if "random" in opts:  # the seed matters: the test above could fail
         assert _cli_run(src, tmp_path / "c.onnx", "1", *opts[:-1], "6") != first
+
+
+# -- weights listed as graph inputs (found by the fuzzer) ----------------------------------
+
+
+def _io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+
+
+def test_weights_listed_as_inputs_stay_listed_ir3():
+    """IR 3 requires every initializer to be a graph input; the pruned model must still pass the checker."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("w1", (8, 3, 3, 3)), ("w2", (4, 8, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])] + [
+        helper.make_tensor_value_info(i.name, TensorProto.FLOAT, list(i.dims)) for i in inits]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                 [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    result = prune(model, sparsity=0.5)
+    assert_valid(result.model, model)
+    assert _io_names(result.model) == _io_names(model)
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in result.model.graph.input}
+    assert shapes["w1"] == [4, 3, 3, 3] and shapes["w2"] == [4, 4, 3, 3]  # listed with the pruned shapes
+
+
+def test_torch_keep_initializers_as_inputs(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5))
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), torch.randn(1, 3, 4, 4), str(path), dynamo=False, opset_version=13,
+                      keep_initializers_as_inputs=True, input_names=["x"], output_names=["logits"])
+    model = onnx.load(str(path))
+    assert len(model.graph.input) > 1  # the weights really are listed
+    result = prune(path, sparsity=0.5)
+    assert_valid(result.model, model)
+    assert _io_names(result.model) == _io_names(model)
+    assert result.report.pruned_groups
