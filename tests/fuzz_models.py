@@ -15,6 +15,7 @@ Blocks (each reads the current feature map ``x`` of width ``c``):
 * ``("se", reduced)``: x * sigmoid(conv(relu(conv(GlobalAveragePool(x)))))
 * ``("pool", kind)``: MaxPool / AveragePool 2x2
 * ``("swish",)``: x * sigmoid(x)
+* ``("shared", k)``: relu(conv_w(relu(conv_w(x)))): one weight used by two Convs
 * ``("nhwc", width)``: Transpose to NHWC, MatMul + Add bias on the last axis, Transpose back
 * ``("bn",)``: a standalone BatchNormalization (not folded into a Conv)
 * ``("unary", op)``: Identity / Dropout / Relu / Softplus
@@ -63,6 +64,7 @@ block = st.one_of(
     st.tuples(st.just("se"), st.integers(1, 6)),
     st.tuples(st.just("pool"), st.sampled_from(["MaxPool", "AveragePool"])),
     st.tuples(st.just("swish")),
+    st.tuples(st.just("shared"), st.sampled_from([1, 3])),
     st.tuples(st.just("nhwc"), widths),
     st.tuples(st.just("bn")),
     st.tuples(st.just("unary"), st.sampled_from(["Identity", "Dropout", "Relu", "Softplus"])),
@@ -194,6 +196,11 @@ def build(spec: dict) -> onnx.ModelProto:
             if hw >= 2:
                 x = b.node(blk[1], [x], kernel_shape=[2, 2], strides=[2, 2])
                 hw = hw // 2
+        elif kind == "shared":
+            k = blk[1]
+            weight = b.const("w_shared", b.weight(c, c, k, k))
+            for _ in range(2):
+                x = b.node("Relu", [b.node("Conv", [x, weight], kernel_shape=[k, k], pads=[k // 2] * 4)])
         elif kind == "swish":
             x = b.node("Mul", [x, b.node("Sigmoid", [x])])
         elif kind == "nhwc":

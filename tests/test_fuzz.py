@@ -94,11 +94,20 @@ WEIGHTS_AS_INPUTS = {"opset": 13, "in_ch": 1, "size": 6, "dyn_batch": False, "he
                      "blocks": [("conv", 1, 1, 1, False, False, "Relu")]}
 _L1 = {"importance": "l1", "marginals": "uniform", "ot_reg": 0.0, "ot_p": 1.0}
 
+#: Found by the fuzzer: one weight used by two Convs, the first reading the graph input.  The
+#: second Conv's input group edited the shared weight's input axis, which the first Conv reads
+#: from the unprunable input (onnxruntime: "Input channels C is not equal to kernel channels").
+#: Fixed in coupling._check_constant_users.
+SHARED_WEIGHT_ON_INPUT = {"opset": 13, "in_ch": 2, "size": 6, "dyn_batch": False, "head": "gap_gemm",
+                          "classes": 2, "seed": 0, "aux_out": False, "trans_b": False,
+                          "weights_as_inputs": False, "blocks": [("shared", 1)]}
+
 
 @fuzz_settings
 @example(spec=WEIGHTS_AS_INPUTS, sparsity=0.5, identity_method="intrafusion", options=_L1)
 @example(spec={**WEIGHTS_AS_INPUTS, "blocks": [("conv", 8, 3, 1, True, True, "Relu"), ("cat", 4, 4)],
                "head": "reshape_gemm"}, sparsity=0.5, identity_method="prune", options=_L1)
+@example(spec=SHARED_WEIGHT_ON_INPUT, sparsity=0.5, identity_method="intrafusion", options=_L1)
 @given(spec=specs, sparsity=st.floats(0.05, 0.95), identity_method=st.sampled_from(["intrafusion", "prune"]),
        options=options)
 def test_random_cnn_prunes_to_a_valid_model(spec, sparsity, identity_method, options):

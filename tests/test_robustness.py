@@ -173,3 +173,49 @@ def test_torch_keep_initializers_as_inputs(tmp_path):
     assert_valid(result.model, model)
     assert _io_names(result.model) == _io_names(model)
     assert result.report.pruned_groups
+
+
+# -- a weight shared by two Convs (found by the fuzzer) -------------------------------------
+
+
+def _shared_weight_model(first_reads_input: bool) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda n, *s: numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)  # noqa: E731
+    conv = lambda x, wt, y: helper.make_node("Conv", [x, wt], [y], pads=[1, 1, 1, 1])  # noqa: E731
+    relu = lambda x, y: helper.make_node("Relu", [x], [y])  # noqa: E731
+    inits = [w("w", 8, 8, 3, 3), w("w_out", 4, 8, 3, 3)]
+    nodes = [conv("x", "w", "a"), relu("a", "ra"), conv("ra", "w", "b"), relu("b", "rb"), conv("rb", "w_out", "y")]
+    in_ch = 8
+    if not first_reads_input:
+        inits.append(w("w_in", 8, 3, 3, 3))
+        nodes.insert(0, conv("x", "w_in", "x0"))
+        nodes.insert(1, relu("x0", "rx"))
+        nodes[2].input[0] = "rx"
+        in_ch = 3
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_ch, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_shared_weight_read_from_the_graph_input_is_not_pruned(tmp_path, capsys):
+    model = _shared_weight_model(first_reads_input=True)
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    # Even without validation (which used to catch the broken result), nothing wrong is written.
+    code = cli.main([str(src), str(tmp_path / "o.onnx"), "--no-validate"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "constant 'w' is shared" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_shared_weight_between_prunable_convs_is_still_pruned():
+    model = _shared_weight_model(first_reads_input=False)
+    result = prune(model, sparsity=0.5)
+    assert_valid(result.model, model)
+    shapes = {i.name: list(i.dims) for i in result.model.graph.initializer}
+    assert shapes["w"] == [4, 4, 3, 3] and shapes["w_in"] == [4, 3, 3, 3] and shapes["w_out"] == [4, 4, 3, 3]
