@@ -160,6 +160,32 @@ def _raw_sizes_ok(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def _non_utf8_field(msg) -> str | None:
+    """Name of a text field that holds bytes that are not UTF-8 (a corrupt file), or None.
+
+    proto2 parsing accepts such bytes and the python protobuf returns ``bytes``
+    where ``str`` is expected, which breaks every later stage.  Tensor payloads
+    are not visited (only their names), so this stays cheap on large models.
+    """
+    desc = msg.DESCRIPTOR
+    if desc.name == "TensorProto":
+        items = [(desc.fields_by_name[n], getattr(msg, n)) for n in ("name", "doc_string", "external_data")]
+    else:
+        items = msg.ListFields()
+    for field, value in items:
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = value if repeated else [value]
+        if field.type == field.TYPE_STRING:
+            if any(not isinstance(v, str) for v in values):
+                return f"{desc.name}.{field.name}"
+        elif field.type == field.TYPE_MESSAGE:
+            for v in values:
+                bad = _non_utf8_field(v)
+                if bad:
+                    return bad
+    return None
+
+
 _PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
                  if hasattr(onnx.TensorProto, n)} | {onnx.TensorProto.STRING}
 
@@ -175,6 +201,9 @@ def _check_supported(model: onnx.ModelProto) -> None:
     if opset < MIN_OPSET:
         raise ModelError(f"opset {opset} is not supported (need {MIN_OPSET} or newer); "
                          f"convert it first, e.g. with onnx.version_converter")
+    bad_text = _non_utf8_field(model)
+    if bad_text:
+        raise ModelError(f"input model is corrupt: text field {bad_text} is not valid UTF-8")
     small = model.ByteSize() < 2**31 - 1
     try:
         if small:
