@@ -124,9 +124,15 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     raise _Terminated()
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
-    if issubclass(category, PruneWarning):
-        print(f"onnx-intrafusion: warning: {message}", file=sys.stderr, flush=True)
+def _warning_printer(debug: bool):
+    """PruneWarnings as one line each; library warnings only with --debug."""
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
+        if issubclass(category, PruneWarning):
+            print(f"onnx-intrafusion: warning: {message}", file=sys.stderr, flush=True)
+        elif debug:
+            print(f"onnx-intrafusion: debug: {category.__name__}: {message} ({filename}:{lineno})",
+                  file=sys.stderr, flush=True)
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", PruneWarning)
             if not args.quiet:
-                warnings.showwarning = _show_warning
+                warnings.showwarning = _warning_printer(debug)
             else:
                 warnings.simplefilter("ignore", PruneWarning)
             return _run(args)
     except UserError as exc:
-        print(f"onnx-intrafusion: error: {exc}", file=sys.stderr)
+        print(f"onnx-intrafusion: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnx-intrafusion: interrupted; nothing written", file=sys.stderr)

@@ -118,6 +118,8 @@ class _Context:
         self.fixes: list[AxisFix] = []
         self.member_key: dict[tuple[str, int, int], int] = {}  # (constant, axis, offset) -> space
         self.constant_users: dict[str, set[str]] = {}  # constant -> nodes that edit it
+        # constant -> node -> (axis, offset, block) slices that node edits
+        self.constant_slices: dict[str, dict[str, set[tuple[int, int, int]]]] = {}
 
     # -- spaces (union-find) -------------------------------------------------
     def new_space(self, size: int, node: gs.Node) -> int:
@@ -218,6 +220,8 @@ class _Context:
             self.member_key[key] = space
         self.members[self.find(space)].append(member)
         self.constant_users.setdefault(member.constant, set()).add(member.node)
+        self.constant_slices.setdefault(member.constant, {}).setdefault(member.node, set()).add(
+            (member.axis, member.offset, member.block))
 
 
 # ---------------------------------------------------------------------------
@@ -738,6 +742,12 @@ def _check_constant_users(ctx: _Context, graph: gs.Graph) -> None:
         tensor = tensors.get(constant)
         readers = {n.name for n in tensor.outputs} if tensor is not None else set()
         strangers = readers - editors
+        # A node that reads a shared constant must expect every slice edited in it: a weight
+        # shared by two Convs, one reading channels that cannot be pruned (e.g. the graph
+        # input), must not lose input columns because the other Conv's input is pruned.
+        slices = ctx.constant_slices.get(constant, {})
+        edited = set().union(*slices.values())
+        strangers |= {node for node in editors if slices.get(node, set()) != edited}
         if strangers or (tensor is not None and tensor in graph.outputs):
             who = sorted(strangers)[0] if strangers else "graph output"
             ctx.block_spaces(spaces_of[constant], who, f"constant '{constant}' is shared with a node that would not be edited")

@@ -160,6 +160,32 @@ def _raw_sizes_ok(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def _non_utf8_field(msg) -> str | None:
+    """Name of a text field that holds bytes that are not UTF-8 (a corrupt file), or None.
+
+    proto2 parsing accepts such bytes and the python protobuf returns ``bytes``
+    where ``str`` is expected, which breaks every later stage.  Tensor payloads
+    are not visited (only their names), so this stays cheap on large models.
+    """
+    desc = msg.DESCRIPTOR
+    if desc.name == "TensorProto":
+        items = [(desc.fields_by_name[n], getattr(msg, n)) for n in ("name", "doc_string", "external_data")]
+    else:
+        items = msg.ListFields()
+    for field, value in items:
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = value if repeated else [value]
+        if field.type == field.TYPE_STRING:
+            if any(not isinstance(v, str) for v in values):
+                return f"{desc.name}.{field.name}"
+        elif field.type == field.TYPE_MESSAGE:
+            for v in values:
+                bad = _non_utf8_field(v)
+                if bad:
+                    return bad
+    return None
+
+
 _PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
                  if hasattr(onnx.TensorProto, n)} | {onnx.TensorProto.STRING}
 
@@ -175,6 +201,9 @@ def _check_supported(model: onnx.ModelProto) -> None:
     if opset < MIN_OPSET:
         raise ModelError(f"opset {opset} is not supported (need {MIN_OPSET} or newer); "
                          f"convert it first, e.g. with onnx.version_converter")
+    bad_text = _non_utf8_field(model)
+    if bad_text:
+        raise ModelError(f"input model is corrupt: text field {bad_text} is not valid UTF-8")
     small = model.ByteSize() < 2**31 - 1
     try:
         if small:
@@ -258,12 +287,48 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto, infer: bool = True) -> 
     del model.functions[:]
     model.functions.extend(template.functions)
     model.graph.name = template.graph.name
+    _keep_weight_inputs(model, template)
     if infer:
         try:
             model = infer_shapes_fast(model, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
             pass
     return model
+
+
+def _keep_weight_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """Keep the template's graph inputs that are initializers, in the template's order.
+
+    Old exporters (IR < 4, where this is required) and
+    ``torch.onnx.export(keep_initializers_as_inputs=True)`` list weights as
+    graph inputs; onnx-graphsurgeon drops them on import.  They are put back
+    with their (possibly pruned) shapes so the graph keeps its input names, and
+    for IR < 4 every initializer is listed, as the checker requires.
+    """
+    current = {vi.name: vi for vi in model.graph.input}
+    weights = {init.name: init for init in model.graph.initializer}
+    template_weights = {init.name: init for init in template.graph.initializer}
+    wanted = [vi.name for vi in template.graph.input]
+    if template.ir_version < 4:
+        wanted += [name for name in weights if name not in wanted]
+    if all(name in current for name in wanted if name in weights or name in template_weights):
+        return
+    inputs = []
+    for name in wanted:
+        if name in current:
+            inputs.append(current.pop(name))
+            continue
+        init = weights.get(name)
+        if init is None and name in template_weights:
+            # A listed weight that the rewrite replaced (e.g. a shared Reshape shape): keep the
+            # original, unused, so that the input name survives.
+            init = template_weights[name]
+            model.graph.initializer.append(init)
+        if init is not None:
+            inputs.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
+    inputs.extend(current.values())
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
 
 
 def params_count(model: onnx.ModelProto) -> int:

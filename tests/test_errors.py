@@ -138,6 +138,12 @@ def _make_bad_input(kind: str, folder: Path) -> Path:
         init = model.graph.initializer[0]
         init.raw_data = init.raw_data[: len(init.raw_data) // 2]
         save(model, path)
+    elif kind == "invalid_utf8":
+        # Found by the corrupted-input run: one flipped bit made a node name invalid UTF-8, which
+        # protobuf accepts (proto2) and onnx-graphsurgeon then crashed on (exit 1).
+        model = onnx.load(str(sample("vgg_legacy.onnx")))
+        model.graph.node[0].name = "nQConv"
+        path.write_bytes(model.SerializeToString().replace(b"nQConv", b"n\xdfConv"))
     elif kind == "fails_checker":
         model = onnx.load(str(sample("vgg_legacy.onnx")))
         model.graph.node[0].input[0] = "not_a_tensor"
@@ -179,6 +185,7 @@ BAD_INPUTS = {
     "truncated": "not a readable onnx model",
     "truncated_weights": "too small",
     "fails_checker": "onnx.checker",
+    "invalid_utf8": "not valid utf-8",
     "fails_shape_inference": "shape inference",
     "does_not_run": "does not run in onnxruntime",
     "missing_external_data": "external data",
