@@ -59,16 +59,20 @@ class Member:
 
 @dataclass(frozen=True)
 class AxisFix:
-    """A value that must become the new size of ``tensor``'s channel axis.
+    """A value that must follow the new size of ``tensor``'s channel axis.
 
     ``kind`` is ``"shape"`` (entry ``index`` of the shape constant of node
-    ``node``) or ``"group"`` (the ``group`` attribute of a depthwise Conv).
+    ``node``), ``"group"`` (the ``group`` attribute of a depthwise Conv),
+    ``"split"`` (the split sizes of a Split: one size per entry of ``parts``)
+    or ``"slice"`` (entry ``index`` of a Slice's starts/ends: ``parts`` is
+    (segments before the slice, segments kept by the slice)).
     """
 
     kind: str
     node: str
     tensor: str
     index: int = 0
+    parts: tuple = ()  # tuple of segment tuples, for "split" and "slice"
 
 
 @dataclass
@@ -107,8 +111,14 @@ class Analysis:
 class _Context:
     """Mutable state of one analysis pass; rules talk to it."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, cuts: dict[str, frozenset[int]] | None = None):
         self.graph = graph
+        # Producer node -> positions where its output is cut into separate
+        # spaces (found by earlier passes: Split/Slice, grouped Conv, joins of
+        # differently cut tensors).
+        self.cuts = cuts or {}
+        self.source: list[tuple[str, int]] = []  # space -> (producer node, first position)
+        self.requests: list[tuple[int, int]] = []  # (space, position) cuts asked for in this pass
         self.axes: dict[str, ChannelAxis] = {}
         self.parent: list[int] = []
         self.size: list[int] = []
@@ -120,13 +130,72 @@ class _Context:
         self.constant_users: dict[str, set[str]] = {}  # constant -> nodes that edit it
 
     # -- spaces (union-find) -------------------------------------------------
-    def new_space(self, size: int, node: gs.Node) -> int:
+    def new_space(self, size: int, node: gs.Node, base: int = 0) -> int:
         self.parent.append(len(self.parent))
         self.size.append(size)
         self.origin.append(node.name)
         self.members.append([])
         self.blocked.append([])
+        self.source.append((node.name, base))
         return len(self.parent) - 1
+
+    def new_spaces(self, size: int, node: gs.Node, cuts: Iterable[int] = ()) -> tuple[Segment, ...]:
+        """The segments of a producer's output axis: one space per part between cuts."""
+        points = sorted({c for c in (*self.cuts.get(node.name, ()), *cuts) if 0 < c < size})
+        bounds = [0, *points, size]
+        return tuple(Segment(self.new_space(b - a, node, a), 1) for a, b in zip(bounds, bounds[1:]))
+
+    # -- cuts ------------------------------------------------------------------
+    def seg_len(self, seg: Segment) -> int:
+        return self.size[self.find(seg.space)] * seg.block if seg.space is not None else seg.block
+
+    def align(self, ax: ChannelAxis, positions: Iterable[int]) -> bool | None:
+        """Make each position a boundary between the channel segments of ``ax``.
+
+        True: they already are.  False: cuts were requested from the
+        producers; this pass is provisional and the analysis runs again.
+        None: impossible (a position falls inside one channel's block).
+        Fixed positions (``space None``) can be split anywhere.
+        """
+        ok: bool | None = True
+        for p in positions:
+            for seg, off in self.segment_offsets(ax):
+                if off < p < off + self.seg_len(seg) and seg.space is not None:
+                    if (p - off) % seg.block:
+                        return None
+                    self.requests.append((seg.space, (p - off) // seg.block))
+                    ok = False
+                    break
+        return ok
+
+    def slice_segments(self, ax: ChannelAxis, start: int, end: int) -> tuple[Segment, ...]:
+        """The segments covering positions [start, end) of an aligned axis."""
+        out = []
+        for seg, off in self.segment_offsets(ax):
+            a, b = max(start, off), min(end, off + self.seg_len(seg))
+            if a >= b:
+                continue
+            if seg.space is None:
+                out.append(Segment(None, b - a))
+            else:
+                assert a == off and b == off + self.seg_len(seg), "slice_segments on an unaligned axis"
+                out.append(seg)
+        return tuple(out)
+
+    def boundaries(self, ax: ChannelAxis) -> list[int]:
+        return [off for _, off in self.segment_offsets(ax)][1:]
+
+    def propagated_cuts(self) -> dict[str, set[int]]:
+        """Cuts requested in this pass, spread to every space united with the cut one."""
+        classes: dict[int, list[int]] = {}
+        for s in range(len(self.parent)):
+            classes.setdefault(self.find(s), []).append(s)
+        out: dict[str, set[int]] = {}
+        for space, pos in self.requests:
+            for t in classes[self.find(space)]:
+                node, base = self.source[t]
+                out.setdefault(node, set()).add(base + pos)
+        return out
 
     def find(self, s: int) -> int:
         while self.parent[s] != s:
@@ -264,8 +333,7 @@ def _conv(ctx: _Context, node: gs.Node):
     if group == 1:
         if ax is not None:
             ctx.add_members(ax, CONSUMER, node.inputs[1], node, axis=1)
-        space = ctx.new_space(c_out, node)
-        out = ChannelAxis(1, (Segment(space, 1),))
+        out = ChannelAxis(1, ctx.new_spaces(c_out, node))
         ctx.add_members(out, PRODUCER, node.inputs[1], node, axis=0)
         if bias is not None:
             ctx.add_members(out, PARAM, bias, node, axis=0)
@@ -284,16 +352,64 @@ def _conv(ctx: _Context, node: gs.Node):
         ctx.fixes.append(AxisFix("group", node.name, x.name))
         ctx.set_axis(y, ChannelAxis(1, tuple(Segment(s.space, s.block * mult) for s in ax.segments)))
     else:
-        ctx.block(ax, node, f"grouped Conv (group={group}) is not supported yet")
-        space = ctx.new_space(c_out, node)
-        ctx.block_spaces([space], node, f"grouped Conv (group={group}) is not supported yet")
+        _grouped_conv(ctx, node, ax, group, weight.shape)
     return [0]
+
+
+def _grouped_conv(ctx: _Context, node: gs.Node, ax: ChannelAxis | None, group: int, wshape) -> None:
+    """Grouped Conv (ResNeXt, RegNet): every conv group keeps the same channels.
+
+    Input and output are cut into ``group`` equal parts; corresponding parts
+    are united, so all conv groups keep the same number of channels (the same
+    positions in each), the ``group`` attribute stays and the weight
+    ``[C_out, C_in/group, ...]`` loses rows in every part and columns of axis 1.
+    """
+    c_out, c_in_g = wshape[0], wshape[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    out_g = c_out // group
+    segs = ctx.new_spaces(c_out, node, [j * out_g for j in range(1, group)])
+    out = ChannelAxis(1, segs)
+    if c_out % group:
+        ctx.block(out, node, f"grouped Conv (group={group}) with {c_out} outputs")
+    if ax is not None:
+        ok = ctx.align(ax, [j * c_in_g for j in range(1, group)])
+        if ok is None or ctx.total(ax) != c_in_g * group:
+            ctx.block(ax, node, f"grouped Conv (group={group}) input cannot be cut into equal conv groups")
+        elif not ok:
+            ctx.block(ax, node, "waiting for cuts")
+        else:
+            parts = [ChannelAxis(1, ctx.slice_segments(ax, j * c_in_g, (j + 1) * c_in_g)) for j in range(group)]
+            if _unite_parts(ctx, parts, node):
+                ctx.add_members(parts[0], CONSUMER, node.inputs[1], node, axis=1)
+    out_parts = [ChannelAxis(1, ctx.slice_segments(out, j * out_g, (j + 1) * out_g)) for j in range(group)]
+    _unite_parts(ctx, out_parts, node)
+    ctx.add_members(out, PRODUCER, node.inputs[1], node, axis=0)
+    if bias is not None:
+        ctx.add_members(out, PARAM, bias, node, axis=0)
+    ctx.set_axis(node.outputs[0], out)
+
+
+def _unite_parts(ctx: _Context, parts: list[ChannelAxis], node: gs.Node) -> bool:
+    """Unite the i-th segment of every part; False (and blocked) if the parts differ in layout."""
+    first = parts[0].segments
+    for part in parts[1:]:
+        if len(part.segments) != len(first) or any(
+            (a.space is None) != (b.space is None) or a.block != b.block or ctx.seg_len(a) != ctx.seg_len(b)
+            for a, b in zip(part.segments, first)
+        ):
+            for p in parts:
+                ctx.block(p, node, "conv groups do not carry channels in the same layout")
+            return False
+    for part in parts[1:]:
+        for a, b in zip(part.segments, first):
+            if a.space is not None:
+                ctx.union(a.space, b.space, node)
+    return True
 
 
 def _linear_out(ctx: _Context, node: gs.Node, weight: gs.Tensor, out_axis_of_weight: int,
                 y: gs.Tensor, y_axis: int, n_out: int) -> ChannelAxis:
-    space = ctx.new_space(n_out, node)
-    out = ChannelAxis(y_axis, (Segment(space, 1),))
+    out = ChannelAxis(y_axis, ctx.new_spaces(n_out, node))
     ctx.add_members(out, PRODUCER, weight, node, axis=out_axis_of_weight)
     return out
 
@@ -456,18 +572,36 @@ def _elementwise(ctx: _Context, node: gs.Node):
         return [i for i, _ in tracked]
     first_i, first = tracked[0]
     out_axis = first.axis + out_rank - ranks[first_i]
-    for i, ax in tracked[1:]:
-        if ax.axis + out_rank - ranks[i] != out_axis or len(ax.segments) != len(first.segments) or any(
-            (sa.space is None) != (sb.space is None) or sa.block != sb.block
-            for sa, sb in zip(ax.segments, first.segments)
-        ):
-            for _, other in tracked:
-                ctx.block(other, node, "element-wise op joins channels that do not line up")
-            return [i for i, _ in tracked]
-        for sa, sb in zip(ax.segments, first.segments):
+    if any(ax.axis + out_rank - ranks[i] != out_axis for i, ax in tracked[1:]):
+        for _, other in tracked:
+            ctx.block(other, node, "element-wise op joins channels on different axes")
+        return [i for i, _ in tracked]
+    # Tensors cut differently (e.g. a Concat joined with one producer's
+    # output) are cut at every boundary of each other, then united piecewise.
+    cuts = sorted({b for _, ax in tracked for b in ctx.boundaries(ax)})
+    aligned = [ctx.align(ax, cuts) for _, ax in tracked]
+    if None in aligned or len({ctx.total(ax) for _, ax in tracked}) > 1:
+        for _, other in tracked:
+            ctx.block(other, node, "element-wise op joins channels that do not line up")
+        return [i for i, _ in tracked]
+    if not all(aligned):
+        for _, other in tracked:
+            ctx.block(other, node, "waiting for cuts")
+        return [i for i, _ in tracked]
+    bounds = [0, *cuts, ctx.total(first)]
+    pieces = [[ctx.slice_segments(ax, a, b) for a, b in zip(bounds, bounds[1:])] for _, ax in tracked]
+    for other in pieces[1:]:
+        for pa, pb in zip(other, pieces[0]):
+            (sa,), (sb,) = pa, pb
+            if (sa.space is None) != (sb.space is None) or sa.block != sb.block:
+                for _, ax in tracked:
+                    ctx.block(ax, node, "element-wise op joins channels that do not line up")
+                return [i for i, _ in tracked]
+    for other in pieces[1:]:
+        for (sa,), (sb,) in zip(other, pieces[0]):
             if sa.space is not None:
                 ctx.union(sa.space, sb.space, node)
-    out = ChannelAxis(out_axis, first.segments)
+    out = ChannelAxis(out_axis, tuple(seg for (seg,) in pieces[0]))
     for i, t in enumerate(node.inputs):
         if all(i != j for j, _ in tracked):
             _elementwise_constant(ctx, node, out, t, out_rank)
@@ -687,6 +821,116 @@ def _concat(ctx: _Context, node: gs.Node):
     return [i for i, _ in tracked]
 
 
+def _opset(ctx: _Context) -> int:
+    return int(getattr(ctx.graph, "opset", None) or 13)
+
+
+@rule("Split")
+def _split(ctx: _Context, node: gs.Node):
+    x = node.inputs[0]
+    ax = ctx.axis_of(x)
+    rank = ctx.rank(x)
+    if ax is None:
+        return [0]
+    if rank is None:
+        ctx.block(ax, node, "Split of unknown rank")
+        return [0]
+    axis = _norm_axis(int(_attr(node, "axis", 0)), rank)
+    if axis != ax.axis:
+        for y in node.outputs:
+            ctx.set_axis(y, ax)
+        return [0]
+    total = ctx.total(ax)
+    if "split" in node.attrs:
+        sizes = [int(v) for v in node.attrs["split"]]
+    elif len(node.inputs) > 1 and node.inputs[1].name:
+        val = ctx.const(node.inputs[1])
+        sizes = None if val is None else [int(v) for v in val.reshape(-1)]
+    else:
+        n = len(node.outputs)
+        chunk = -(-total // n)  # opset 18 num_outputs: the last part may be smaller
+        sizes = [chunk] * (n - 1) + [total - chunk * (n - 1)]
+    if sizes is None or sum(sizes) != total or len(sizes) != len(node.outputs):
+        ctx.block(ax, node, "Split sizes along the channel axis are not known")
+        return [0]
+    bounds = list(np.cumsum([0, *sizes]))
+    ok = ctx.align(ax, bounds[1:-1])
+    if ok is None:
+        ctx.block(ax, node, "Split cuts through the positions of one channel")
+        return [0]
+    if not ok:
+        ctx.block(ax, node, "waiting for cuts")
+        return [0]
+    parts = tuple(ctx.slice_segments(ax, a, b) for a, b in zip(bounds, bounds[1:]))
+    ctx.fixes.append(AxisFix("split", node.name, x.name, parts=parts))
+    for y, segs in zip(node.outputs, parts):
+        ctx.set_axis(y, ChannelAxis(ax.axis, segs))
+    return [0]
+
+
+def _slice_params(ctx: _Context, node: gs.Node) -> tuple | None:
+    """(starts, ends, axes, steps) as int lists, from attributes (opset < 10) or constant inputs."""
+    if "starts" in node.attrs:
+        starts, ends = list(node.attrs["starts"]), list(node.attrs["ends"])
+        axes = list(node.attrs.get("axes", range(len(starts))))
+        return starts, ends, axes, [1] * len(starts)
+    vals = []
+    for i in range(1, 5):
+        t = node.inputs[i] if len(node.inputs) > i and node.inputs[i].name else None
+        if t is None:
+            vals.append(None)
+            continue
+        v = ctx.const(t)
+        if v is None:
+            return None
+        vals.append([int(e) for e in v.reshape(-1)])
+    starts, ends, axes, steps = vals
+    if starts is None or ends is None:
+        return None
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    return starts, ends, axes, steps
+
+
+@rule("Slice")
+def _slice(ctx: _Context, node: gs.Node):
+    x = node.inputs[0]
+    ax = ctx.axis_of(x)
+    rank = ctx.rank(x)
+    if ax is None:
+        return [0]
+    params = _slice_params(ctx, node)
+    if params is None or rank is None:
+        ctx.block(ax, node, "Slice parameters are computed at run time")
+        return [0]
+    starts, ends, axes, steps = params
+    axes = [_norm_axis(a, rank) for a in axes]
+    if ax.axis not in axes:
+        ctx.set_axis(node.outputs[0], ax)
+        return [0]
+    i = axes.index(ax.axis)
+    total = ctx.total(ax)
+    if steps[i] != 1:
+        ctx.block(ax, node, "Slice with a step along the channel axis")
+        return [0]
+    start = min(max(starts[i] + total if starts[i] < 0 else starts[i], 0), total)
+    end = min(max(ends[i] + total if ends[i] < 0 else ends[i], 0), total)
+    if end <= start:
+        ctx.block(ax, node, "empty Slice along the channel axis")
+        return [0]
+    ok = ctx.align(ax, [p for p in (start, end) if 0 < p < total])
+    if ok is None:
+        ctx.block(ax, node, "Slice cuts through the positions of one channel")
+        return [0]
+    if not ok:
+        ctx.block(ax, node, "waiting for cuts")
+        return [0]
+    kept = ctx.slice_segments(ax, start, end)
+    ctx.fixes.append(AxisFix("slice", node.name, x.name, i, parts=(ctx.slice_segments(ax, 0, start), kept)))
+    ctx.set_axis(node.outputs[0], ChannelAxis(ax.axis, kept))
+    return [0]
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -701,9 +945,34 @@ def _subgraph_tensor_names(node: gs.Node) -> set[str]:
     return names
 
 
+#: Analysis passes before giving up on cuts that keep spreading.
+MAX_PASSES = 12
+
+
 def analyse(graph: gs.Graph) -> Analysis:
-    """Find every channel group of ``graph`` (which must be toposorted and shape-inferred)."""
-    ctx = _Context(graph)
+    """Find every channel group of ``graph`` (which must be toposorted and shape-inferred).
+
+    Ops that take a channel axis apart (Split, Slice, grouped Conv, a join of
+    differently cut tensors) ask for *cuts*: the producers of the spaces
+    involved must create one space per part.  Cuts spread to every space
+    united with a cut one, so the analysis is repeated with the cuts found so
+    far until no new cut appears (a fixpoint; cuts only grow).
+    """
+    cuts: dict[str, frozenset[int]] = {}
+    for _ in range(MAX_PASSES):
+        ctx = _analyse_pass(graph, cuts)
+        found = ctx.propagated_cuts()
+        if all(found[n] <= cuts.get(n, frozenset()) for n in found):
+            break
+        cuts = {n: frozenset(cuts.get(n, frozenset()) | found.get(n, set())) for n in set(cuts) | set(found)}
+    else:
+        for space, _ in ctx.requests:
+            ctx.block_spaces([space], ctx.origin[space], "channel ranges could not be aligned (too many cuts)")
+    return _collect(ctx)
+
+
+def _analyse_pass(graph: gs.Graph, cuts: dict[str, frozenset[int]]) -> _Context:
+    ctx = _Context(graph, cuts)
     for node in graph.nodes:
         rule_fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
         if rule_fn is None:
@@ -725,7 +994,7 @@ def analyse(graph: gs.Graph) -> Analysis:
     for out in graph.outputs:
         ctx.block(ctx.axes.get(out.name), f"graph output '{out.name}'", OUTPUT_REASON)
     _check_constant_users(ctx, graph)
-    return _collect(ctx)
+    return ctx
 
 
 def _check_constant_users(ctx: _Context, graph: gs.Graph) -> None:

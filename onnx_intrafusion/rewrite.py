@@ -42,8 +42,13 @@ def _apply_axis(values: np.ndarray, axis: int, pieces: list[tuple[int, int, np.n
 
 def new_axis_size(analysis: Analysis, maps: dict[int, ChannelMap], tensor: str) -> int:
     """Size of ``tensor``'s channel axis after the maps are applied."""
+    return segments_size(analysis, maps, analysis.axes[tensor].segments)
+
+
+def segments_size(analysis: Analysis, maps: dict[int, ChannelMap], segments) -> int:
+    """Positions taken by ``segments`` after the maps are applied."""
     total = 0
-    for seg in analysis.axes[tensor].segments:
+    for seg in segments:
         if seg.space is None:
             total += seg.block
         else:
@@ -86,7 +91,40 @@ def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap])
             shape.reshape(-1)[fix.index] = size
             # A private copy: exporters share shape constants between Reshapes.
             node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__pruned_{node.name}", shape)
+        elif fix.kind == "split":
+            _fix_split(graph, node, [segments_size(analysis, maps, p) for p in fix.parts])
+        elif fix.kind == "slice":
+            start = segments_size(analysis, maps, fix.parts[0])
+            _fix_slice(node, fix.index, start, start + segments_size(analysis, maps, fix.parts[1]))
     graph.cleanup().toposort()
+
+
+def _fix_split(graph: gs.Graph, node: gs.Node, sizes: list[int]) -> None:
+    """Write explicit split sizes (attribute before opset 13, input from 13; drops ``num_outputs``)."""
+    if "split" in node.attrs or (graph.opset or 13) < 13:
+        node.attrs["split"] = sizes
+        return
+    node.attrs.pop("num_outputs", None)
+    const = gs.Constant(f"{node.name}__split_pruned", np.array(sizes, dtype=np.int64))
+    if len(node.inputs) > 1:
+        node.inputs[1] = const
+    else:
+        node.inputs.append(const)
+
+
+def _fix_slice(node: gs.Node, index: int, start: int, end: int) -> None:
+    """Set entry ``index`` of a Slice's starts and ends (attributes before opset 10, else inputs)."""
+    if "starts" in node.attrs:
+        for name, value in (("starts", start), ("ends", end)):
+            vals = list(node.attrs[name])
+            vals[index] = value
+            node.attrs[name] = vals
+        return
+    for i, value in ((1, start), (2, end)):
+        old = node.inputs[i]
+        vals = np.array(old.values, copy=True)
+        vals.reshape(-1)[index] = value
+        node.inputs[i] = gs.Constant(f"{old.name}__pruned_{node.name}_{i}", vals)
 
 
 def _touches(analysis: Analysis, maps: dict[int, ChannelMap], tensor: str) -> bool:
