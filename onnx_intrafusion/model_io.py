@@ -121,10 +121,21 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     every weight is a :class:`gs.Constant`; stale ``value_info`` is dropped and
     shapes are re-inferred with data propagation (for Reshape targets).
     """
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_inferred(model))
+    # Shapes first: folding then also evaluates Shape ops on static shapes
+    # (the legacy exporter computes chunk/split sizes from Shape).
     graph.fold_constants(error_ok=True).cleanup().toposort()
     _name_nodes(graph)
     return infer_graph_shapes(graph, model)
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ByteSize() >= 2**31 - 1:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
+        return model
 
 
 def _name_nodes(graph: gs.Graph) -> None:
