@@ -73,6 +73,7 @@ class AxisFix:
     tensor: str
     index: int = 0
     parts: tuple = ()  # tuple of segment tuples, for "split" and "slice"
+    input: int = 1  # for "shape": which input of ``node`` holds the constant (Resize sizes: 3)
 
 
 @dataclass
@@ -119,6 +120,10 @@ class _Context:
         self.cuts = cuts or {}
         self.source: list[tuple[str, int]] = []  # space -> (producer node, first position)
         self.requests: list[tuple[int, int]] = []  # (space, position) cuts asked for in this pass
+        # Output of a Shape op that includes a channel axis -> (position of
+        # the channel count in the vector, the channel axis).  Only reads of
+        # other positions are allowed (see the Gather and Slice rules).
+        self.shape_vec: dict[str, tuple[int, ChannelAxis]] = {}
         self.axes: dict[str, ChannelAxis] = {}
         self.parent: list[int] = []
         self.size: list[int] = []
@@ -691,6 +696,19 @@ def _reshape(ctx: _Context, node: gs.Node):
         return [0]
     ishape, oshape = ctx.shape(x), ctx.shape(y)
     tval = ctx.const(target)
+    computed = tval is None
+    # x.view(x.size(0), -1) with a dynamic batch: the target is built from
+    # Shape reads of non-channel dims and constants; the inferred output
+    # shape may then have unknown dims that the target itself tells.
+    entries = _shape_entries(ctx, target)
+    resolved = None if entries is None or ishape is None else _resolve_target(ctx, entries, x, ishape)
+    if computed:
+        tval = None if resolved is None else np.array(resolved[0])
+    if resolved is not None and (oshape is None or len(oshape) != len(resolved[1]) or not _static(oshape)):
+        if int(_attr(node, "allowzero", 0)) and 0 in resolved[0]:
+            resolved = None
+        else:
+            oshape = [r if r is not None else o for o, r in zip(oshape or resolved[1], resolved[1])]
     if ishape is None or oshape is None or tval is None:
         ctx.block(ax, node, "Reshape target shape is computed at run time")
         return [0]
@@ -720,11 +738,242 @@ def _reshape(ctx: _Context, node: gs.Node):
             break
         if entry == 0 and not allowzero and not (j == ax.axis and tail == new_tail):
             break
+        if entry == DYNAMIC:
+            break
         if entry > 0:
+            if computed:
+                ctx.block(ax, node, "channel count is hard-coded in a computed Reshape target")
+                return [0]
             ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
         ctx.set_axis(y, ChannelAxis(j, segs))
         return [0]
     ctx.block(ax, node, "Reshape splits or mixes the channel axis")
+    return [0]
+
+
+#: An entry of a computed shape that is read at run time from a non-channel dim.
+DYNAMIC = -(2**62)
+
+
+def _shape_entries(ctx: _Context, tensor: gs.Tensor, depth: int = 0) -> list | None:
+    """Entries of a 1-D int tensor computed from constants and Shape reads.
+
+    Each entry is an int (a constant) or ``(tensor, dim)``: the size of
+    ``tensor``'s dimension ``dim`` read at run time.  None when the
+    computation is not understood.
+    """
+    val = ctx.const(tensor)
+    if val is not None:
+        return [int(v) for v in val.reshape(-1)]
+    if depth > 8 or not tensor.inputs:
+        return None
+    node = tensor.inputs[0]
+    if node.op == "Concat" and int(_attr(node, "axis", 0)) in (0, -1):
+        out: list = []
+        for t in node.inputs:
+            part = _shape_entries(ctx, t, depth + 1)
+            if part is None:
+                return None
+            out += part
+        return out
+    if node.op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape") and node.inputs:
+        return _shape_entries(ctx, node.inputs[0], depth + 1)
+    if node.op == "Shape":
+        rank = ctx.rank(node.inputs[0])
+        if rank is None:
+            return None
+        start = _norm_axis(int(_attr(node, "start", 0)), rank)
+        end = _attr(node, "end")
+        end = rank if end is None else min(_norm_axis(int(end), rank), rank)
+        return [(node.inputs[0], d) for d in range(start, end)]
+    if node.op == "Gather" and int(_attr(node, "axis", 0)) == 0:
+        src, idx = _shape_entries(ctx, node.inputs[0], depth + 1), ctx.const(node.inputs[1])
+        if src is None or idx is None or idx.ndim > 1:
+            return None
+        return [src[int(i)] for i in idx.reshape(-1)]
+    if node.op == "Slice":
+        src, params = _shape_entries(ctx, node.inputs[0], depth + 1), _slice_params(ctx, node)
+        if src is None or params is None or len(params[0]) != 1:
+            return None
+        return src[slice(params[0][0], params[1][0], params[3][0])]
+    return None
+
+
+def _resolve_target(ctx: _Context, entries: list, x: gs.Tensor, ishape: list) -> tuple[list, list] | None:
+    """(target values with run-time reads as DYNAMIC, output shape) of a computed Reshape target."""
+    tval, oshape = [], []
+    for i, e in enumerate(entries):
+        if isinstance(e, tuple):
+            t, d = e
+            ax = ctx.axis_of(t)
+            if ax is not None and ax.axis == d:
+                return None  # reads a channel count
+            shp = ctx.shape(t)
+            tval.append(DYNAMIC)
+            oshape.append(shp[d] if shp is not None and d < len(shp) else None)
+        else:
+            tval.append(e)
+            oshape.append(ishape[i] if e == 0 and i < len(ishape) else (None if e == -1 else e))
+    if tval.count(-1) == 1:
+        num = [d for d in ishape]
+        den = [d for d in oshape if d is not None]
+        for d in list(den):
+            if d in num:
+                num.remove(d)
+                den.remove(d)
+        sym = [d for d in num if not isinstance(d, int)]
+        n_static = int(np.prod([d for d in num if isinstance(d, int)] or [1]))
+        d_static = int(np.prod(den or [1])) if _static(den) else 0
+        if d_static and not sym and n_static % d_static == 0:
+            oshape[tval.index(-1)] = n_static // d_static
+        elif d_static and len(sym) == 1 and sym[0] is not None and n_static == d_static:
+            oshape[tval.index(-1)] = sym[0]  # e.g. the batch: [-1, C*H*W]
+    return tval, oshape
+
+
+@rule("Shape")
+def _shape(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    rank = ctx.rank(node.inputs[0])
+    if ax is None:
+        return [0]
+    if rank is None:
+        ctx.block(ax, node, "Shape of a tensor of unknown rank")
+        return [0]
+    start = _norm_axis(int(_attr(node, "start", 0)), rank)
+    end = _attr(node, "end")
+    end = rank if end is None else min(_norm_axis(int(end), rank), rank)
+    if start <= ax.axis < end:
+        ctx.shape_vec[node.outputs[0].name] = (ax.axis - start, ax)
+    return [0]
+
+
+def _shape_read(ctx: _Context, node: gs.Node, picked: list[int] | None) -> None:
+    """A Gather/Slice of a Shape output: reading the channel count blocks the channels."""
+    pos, ax = ctx.shape_vec[node.inputs[0].name]
+    if picked is None or pos in picked:
+        ctx.block(ax, node, "the channel count is read at run time (Shape)")
+
+
+@rule("Gather")
+def _gather(ctx: _Context, node: gs.Node):
+    data, idx = node.inputs[0], node.inputs[1]
+    ival = ctx.const(idx)
+    if data.name in ctx.shape_vec:
+        n = len(ctx.shape(data) or []) and (ctx.shape(data)[0] or 0)
+        picked = None if ival is None else [int(i) + n if i < 0 else int(i) for i in ival.reshape(-1)]
+        _shape_read(ctx, node, picked)
+        return [0]
+    ax = ctx.axis_of(data)
+    rank = ctx.rank(data)
+    if ax is None:
+        return [0]
+    axis = _norm_axis(int(_attr(node, "axis", 0)), rank) if rank is not None else None
+    if axis is None or axis == ax.axis or ival is None:
+        ctx.block(ax, node, "Gather along the channel axis (or with computed indices)")
+        return [0]
+    new_axis = ax.axis if ax.axis < axis else ax.axis - 1 + ival.ndim
+    ctx.set_axis(node.outputs[0], ChannelAxis(new_axis, ax.segments))
+    return [0]
+
+
+@rule("Pad")
+def _pad(ctx: _Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    rank = ctx.rank(node.inputs[0])
+    if ax is None:
+        return [0]
+    if "pads" in node.attrs:
+        pads = [int(p) for p in node.attrs["pads"]]
+    else:
+        val = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
+        pads = None if val is None else [int(p) for p in val.reshape(-1)]
+    axes = list(range(rank)) if rank is not None else None
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        aval = ctx.const(node.inputs[3])
+        axes = None if aval is None or rank is None else [_norm_axis(int(a), rank) for a in aval.reshape(-1)]
+    if pads is None or axes is None or len(pads) != 2 * len(axes):
+        ctx.block(ax, node, "Pad amounts are not known")
+        return [0]
+    if ax.axis in axes:
+        i = axes.index(ax.axis)
+        if pads[i] or pads[i + len(axes)]:
+            ctx.block(ax, node, "Pad adds positions along the channel axis")
+            return [0]
+    ctx.set_axis(node.outputs[0], ax)
+    return [0]
+
+
+@rule("Resize", "Upsample")
+def _resize(ctx: _Context, node: gs.Node):
+    x = node.inputs[0]
+    ax = ctx.axis_of(x)
+    if ax is None:
+        return [0]
+    if "axes" in node.attrs and ax.axis not in [_norm_axis(int(a), ctx.rank(x) or 0) for a in node.attrs["axes"]]:
+        ctx.set_axis(node.outputs[0], ax)
+        return [0]
+    named = [t if t.name else None for t in node.inputs[1:]]
+    scales = node.attrs.get("scales")
+    sizes = None
+    if scales is None:
+        # Upsample/Resize-10: (X, scales); Resize-11+: (X, roi, scales, sizes)
+        scale_t = named[0] if len(node.inputs) == 2 else (named[1] if len(named) > 1 else None)
+        size_t = named[2] if len(named) > 2 else None
+        if scale_t is not None:
+            scales = ctx.const(scale_t)
+            if scales is not None and scales.size == 0:
+                scales = None
+        if size_t is not None:
+            sizes = ctx.const(size_t)
+            if sizes is None:
+                ctx.block(ax, node, "Resize sizes are computed at run time")
+                return [0]
+    if sizes is not None and sizes.size:
+        if int(sizes.reshape(-1)[ax.axis]) != ctx.total(ax):
+            ctx.block(ax, node, "Resize changes the number of channels")
+            return [0]
+        ctx.fixes.append(AxisFix("shape", node.name, node.outputs[0].name, ax.axis, input=3))
+    elif scales is None or float(np.asarray(scales).reshape(-1)[ax.axis]) != 1.0:
+        ctx.block(ax, node, "Resize scale along the channel axis is not 1 (or not known)")
+        return [0]
+    ctx.set_axis(node.outputs[0], ax)
+    return [0]
+
+
+@rule("LayerNormalization", "GroupNormalization", "LpNormalization", "LRN", "Softmax", "LogSoftmax", "Hardmax")
+def _normalise(ctx: _Context, node: gs.Node):
+    """Normalisations over some axes.
+
+    Channels pass untouched when the channel axis is not normalised over
+    (each channel's output depends only on itself).  When it is (LayerNorm
+    over C in ConvNeXt and transformers, Softmax over channels, GroupNorm,
+    LRN), removing a channel changes every other channel's statistics, so the
+    group is left unpruned with that reason.
+    """
+    ax = ctx.axis_of(node.inputs[0])
+    rank = ctx.rank(node.inputs[0])
+    if ax is None:
+        return [0]
+    if rank is None:
+        ctx.block(ax, node, f"{node.op} of unknown rank")
+        return [0]
+    if node.op == "LayerNormalization":
+        start = _norm_axis(int(_attr(node, "axis", -1)), rank)
+        normalised = range(start, rank)
+    elif node.op in ("Softmax", "LogSoftmax", "Hardmax", "LpNormalization"):
+        default = -1 if node.op == "LpNormalization" or _opset(ctx) >= 13 else 1
+        axis = _norm_axis(int(_attr(node, "axis", default)), rank)
+        normalised = [axis] if node.op == "LpNormalization" or _opset(ctx) >= 13 else range(axis, rank)
+    else:
+        normalised = [1]
+    if ax.axis in normalised:
+        ctx.block(ax, node, f"{node.op} normalises over the channel axis (pruning would change its statistics)")
+        return [0]
+    if len(node.outputs) > 1 and any(o.outputs for o in node.outputs[1:]):
+        ctx.block(ax, node, f"{node.op} statistics outputs are used")
+        return [0]
+    ctx.set_axis(node.outputs[0], ax)
     return [0]
 
 
@@ -897,9 +1146,16 @@ def _slice(ctx: _Context, node: gs.Node):
     x = node.inputs[0]
     ax = ctx.axis_of(x)
     rank = ctx.rank(x)
+    params = _slice_params(ctx, node)
+    if x.name in ctx.shape_vec:
+        n = (ctx.shape(x) or [None])[0]
+        picked = None
+        if params is not None and isinstance(n, int) and len(params[0]) == 1:
+            picked = list(range(n))[slice(params[0][0], params[1][0], params[3][0])]
+        _shape_read(ctx, node, picked)
+        return [0]
     if ax is None:
         return [0]
-    params = _slice_params(ctx, node)
     if params is None or rank is None:
         ctx.block(ax, node, "Slice parameters are computed at run time")
         return [0]
@@ -989,6 +1245,8 @@ def _analyse_pass(graph: gs.Graph, cuts: dict[str, frozenset[int]]) -> _Context:
         for i, t in enumerate(node.inputs):
             if i not in handled:
                 ctx.block(ctx.axis_of(t), node, reason)
+            if t.name in ctx.shape_vec and not (i == 0 and node.op in ("Gather", "Slice")):
+                ctx.block(ctx.shape_vec[t.name][1], node, "the channel count is read at run time (Shape)")
         for name in _subgraph_tensor_names(node):
             ctx.block(ctx.axes.get(name), node, f"channels are used inside a {node.op} subgraph")
     for out in graph.outputs:

@@ -125,6 +125,10 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     # Shapes first: folding then also evaluates Shape ops on static shapes
     # (the legacy exporter computes chunk/split sizes from Shape).
     graph.fold_constants(error_ok=True).cleanup().toposort()
+    if any(n.op == "Shape" for n in graph.nodes):
+        # Folding may have made more shapes static (computed Pad amounts): once more.
+        graph = gs.import_onnx(_inferred(gs.export_onnx(graph, do_type_check=False)))
+        graph.fold_constants(error_ok=True).cleanup().toposort()
     _name_nodes(graph)
     return infer_graph_shapes(graph, model)
 
@@ -182,6 +186,12 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto, infer: bool = True) -> 
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
             pass
+    # Graph outputs keep the types the user declared (inference may turn a
+    # symbolic dim into a number once computed sizes are folded).
+    declared = {o.name: o for o in template.graph.output}
+    for out in model.graph.output:
+        if out.name in declared:
+            out.type.CopyFrom(declared[out.name].type)
     return model
 
 

@@ -87,10 +87,11 @@ def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap])
         if fix.kind == "group":
             node.attrs["group"] = size
         elif fix.kind == "shape":
-            shape = np.array(node.inputs[1].values, copy=True)
+            old = node.inputs[fix.input]
+            shape = np.array(old.values, copy=True)
             shape.reshape(-1)[fix.index] = size
             # A private copy: exporters share shape constants between Reshapes.
-            node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__pruned_{node.name}", shape)
+            node.inputs[fix.input] = gs.Constant(f"{old.name}__pruned_{node.name}", shape)
         elif fix.kind == "split":
             _fix_split(graph, node, [segments_size(analysis, maps, p) for p in fix.parts])
         elif fix.kind == "slice":

@@ -24,7 +24,7 @@ EXPORTERS = ["legacy", "dynamo"]
 def export(model: nn.Module, tmp_path, exporter: str, shape=(1, 3, 16, 16), dynamic_batch=False) -> onnx.ModelProto:
     torch.manual_seed(0)
     model = model.eval()
-    x = torch.randn(*shape)
+    x = torch.randn(2 if dynamic_batch else shape[0], *shape[1:])
     path = tmp_path / f"m_{exporter}.onnx"
     kwargs = dict(input_names=["input"], output_names=["out"])
     if exporter == "legacy":
@@ -295,3 +295,101 @@ def test_channel_shuffle(tmp_path, exporter):
     # The shuffle interleaves the two halves: they stay as they are, with a reason.
     assert pruned_sizes(result.report) == [(8, 4)]
     assert reasons(result.report) == {"Reshape splits or mixes the channel axis"}
+
+
+# --------------------------------------------------------------------- dynamic batch, pad, resize
+class FlattenView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 4)
+        x = x.view(x.size(0), -1)  # Shape -> Gather -> Concat -> Reshape with a dynamic batch
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_dynamic_batch_view_reads_only_the_batch_dim(tmp_path, exporter):
+    model = export(FlattenView(), tmp_path, exporter, dynamic_batch=True)
+    assert any(n.op_type == "Shape" for n in model.graph.node) or exporter == "dynamo"
+    result = check(model)
+    assert pruned_sizes(result.report) == [(8, 4), (16, 8)]
+
+
+class PadResize(nn.Module):
+    def __init__(self, sizes: bool):
+        super().__init__()
+        self.sizes = sizes
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(8, 6, 3)
+        self.head = Head(6)
+
+    def forward(self, x):
+        x = F.pad(F.relu(self.conv1(x)), (1, 2, 1, 0), mode="reflect")
+        x = F.interpolate(x, size=(20, 20)) if self.sizes else F.interpolate(x, scale_factor=2.0, mode="bilinear")
+        return self.head(self.conv2(x))
+
+
+@pytest.mark.parametrize("sizes", [False, True])
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_pad_and_resize(tmp_path, exporter, sizes):
+    result = check(export(PadResize(sizes), tmp_path, exporter))
+    assert pruned_sizes(result.report) == [(6, 3), (8, 4)]
+
+
+# --------------------------------------------------------------------- ConvNeXt / transformers
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, 4 * c)
+        self.fc2 = nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c))
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)  # NHWC
+        y = self.gamma * self.fc2(F.gelu(self.fc1(self.norm(y))))
+        x = x + y.permute(0, 3, 1, 2)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_convnext_block_mlp_pruned_layernorm_stream_kept(tmp_path, exporter):
+    result = check(export(ConvNeXtBlock(), tmp_path, exporter))
+    assert pruned_sizes(result.report) == [(32, 16)]
+    assert any("LayerNormalization normalises over the channel axis" in r for r in reasons(result.report))
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int = 16, heads: int = 4, tokens: int = 6):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.out = nn.Linear(d, 5)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        x = self.embed(x)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) * 0.5, dim=-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(b, n, -1))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        return self.out(x[:, 0])  # class token: Gather on the token axis
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_transformer_mlp_hidden_is_pruned(tmp_path, exporter):
+    result = check(export(Attention(), tmp_path, exporter, shape=(1, 6, 8)))
+    assert (32, 16) in pruned_sizes(result.report)
