@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--exporters", nargs="*", default=list(EXPORTERS))
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit uses 224)")
+    p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit and vgg use 224: fixed-size layers)")
     p.add_argument("--out", default=str(ROOT / "results" / "coverage.json"))
     args = p.parse_args(argv)
     rows = []
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for exporter in args.exporters:
-                size = 224 if name.startswith("vit") else args.size
+                size = 224 if name.startswith(("vit", "vgg")) else args.size
                 try:
                     path = export(name, exporter, Path(tmp), size)
                 except Exception as exc:  # noqa: BLE001

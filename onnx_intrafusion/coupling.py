@@ -1102,7 +1102,7 @@ def _split(ctx: _Context, node: gs.Node):
     if sizes is None or sum(sizes) != total or len(sizes) != len(node.outputs):
         ctx.block(ax, node, "Split sizes along the channel axis are not known")
         return [0]
-    bounds = list(np.cumsum([0, *sizes]))
+    bounds = [int(v) for v in np.cumsum([0, *sizes])]
     ok = ctx.align(ax, bounds[1:-1])
     if ok is None:
         ctx.block(ax, node, "Split cuts through the positions of one channel")
