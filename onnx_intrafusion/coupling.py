@@ -284,11 +284,14 @@ class _Context:
     def add_member(self, space: int, member: Member) -> None:
         key = (member.constant, member.axis, member.offset)
         other = self.member_key.get(key)
-        if other is not None:
-            # The same constant slice edited from two places (shared weights):
-            # both places must see the same channels.
+        if other is not None and member.role != PARAM:
+            # The same weight slice edited from two places (shared weights):
+            # both places must see the same channels.  Per-channel parameters
+            # are often shared only because exporters deduplicate equal
+            # values (BatchNorm ones/zeros); the rewrite gives each node its
+            # own copy when their edits differ.
             self.union(other, space, member.node)
-        else:
+        elif other is None:
             self.member_key[key] = space
         self.members[self.find(space)].append(member)
         self.constant_users.setdefault(member.constant, set()).add(member.node)

@@ -62,21 +62,29 @@ def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap])
     """Edit ``graph`` in place so that each group in ``maps`` has its new channels."""
     maps = {gid: m for gid, m in maps.items() if not m.is_identity}
     tensors = graph.tensors()
-    edits: dict[str, dict[int, dict[int, tuple[int, int, np.ndarray]]]] = defaultdict(lambda: defaultdict(dict))
+    # constant -> node -> axis -> offset -> (offset, block, matrix)
+    edits: dict[str, dict[str, dict[int, dict[int, tuple]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict)))
     for gid, cmap in maps.items():
         group = analysis.groups[gid]
         if not group.prunable:
             raise AssertionError(f"group {gid} is blocked and cannot be rewritten")
         for m in group.members:
             matrix = cmap.total if m.role == CONSUMER else cmap.average
-            edits[m.constant][m.axis][m.offset] = (m.offset, m.block, matrix)
-    for name, by_axis in edits.items():
+            edits[m.constant][m.node][m.axis][m.offset] = (m.offset, m.block, matrix)
+    for name, by_node in edits.items():
         tensor = tensors[name]
-        original = np.asarray(tensor.values)
-        values = original
-        for axis, pieces in by_axis.items():
-            values = _apply_axis(values, axis, list(pieces.values()))
-        tensor.values = np.ascontiguousarray(values.astype(original.dtype))
+        readers = list(dict.fromkeys(n.name for n in tensor.outputs))
+        variants = [_edit_key(by_node.get(r, {})) for r in readers]
+        if len(set(variants)) <= 1:
+            tensor.values = _edited(tensor, next(iter(by_node.values())))
+            continue
+        # A constant shared by nodes whose edits differ: a private copy each.
+        for reader in list({id(n): n for n in tensor.outputs}.values()):
+            private = gs.Constant(f"{name}__{reader.name}", _edited(tensor, by_node.get(reader.name, {})))
+            for i, t in enumerate(reader.inputs):
+                if t is tensor:
+                    reader.inputs[i] = private
 
     nodes = {n.name: n for n in graph.nodes}
     for fix in analysis.fixes:
@@ -126,6 +134,19 @@ def _fix_slice(node: gs.Node, index: int, start: int, end: int) -> None:
         vals = np.array(old.values, copy=True)
         vals.reshape(-1)[index] = value
         node.inputs[i] = gs.Constant(f"{old.name}__pruned_{node.name}_{i}", vals)
+
+
+def _edit_key(by_axis: dict) -> tuple:
+    return tuple(sorted((axis, off, piece[1], id(piece[2])) for axis, pieces in by_axis.items()
+                        for off, piece in pieces.items()))
+
+
+def _edited(tensor: gs.Constant, by_axis: dict) -> np.ndarray:
+    original = np.asarray(tensor.values)
+    values = original
+    for axis, pieces in by_axis.items():
+        values = _apply_axis(values, axis, list(pieces.values()))
+    return np.ascontiguousarray(values.astype(original.dtype))
 
 
 def _touches(analysis: Analysis, maps: dict[int, ChannelMap], tensor: str) -> bool:

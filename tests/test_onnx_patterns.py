@@ -215,3 +215,19 @@ def test_pad_on_channels_blocks():
     rep = check(b.model({"x": [1, 3, 8, 8]}, {"out": [1, 4]}))
     assert pruned_sizes(rep) == [(5, 3)]
     assert {b_["reason"] for g in rep.blocked_groups for b_ in g.blocked} == {"Pad adds positions along the channel axis"}
+
+
+def test_deduplicated_batchnorm_constants_are_unshared():
+    """The dynamo exporter stores equal BN vectors once; BNs of different groups share them."""
+    b = Builder(18)
+    ones, zeros = b.const(np.ones(8, np.float32), "one"), b.const(np.zeros(8, np.float32), "zero")
+    a = b.conv("x", 3, 4)
+    c = b.conv("x", 3, 4)
+    x = b.op("Concat", [a, c], axis=1)  # 8 channels from two groups
+    x = b.op("Relu", [b.op("BatchNormalization", [x, ones, zeros, zeros, ones])])
+    y = b.conv("x", 3, 8)  # one group of 8 channels, same BN constants
+    y = b.op("Relu", [b.op("BatchNormalization", [y, ones, zeros, zeros, ones])])
+    z = b.op("Add", [b.conv(x, 8, 6), b.conv(y, 8, 6)])
+    b.output(b.head(z, 6), "out")
+    rep = check(b.model({"x": [1, 3, 8, 8]}, {"out": [1, 4]}))
+    assert pruned_sizes(rep) == [(4, 2), (4, 2), (6, 3), (8, 4)]
