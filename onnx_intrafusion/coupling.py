@@ -750,9 +750,15 @@ def _reshape(ctx: _Context, node: gs.Node):
             ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
         ctx.set_axis(y, ChannelAxis(j, segs))
         return [0]
-    ctx.block(ax, node, "Reshape splits or mixes the channel axis")
+    ctx.block(ax, node, SPLIT_REASON)
     return [0]
 
+
+#: A Reshape that takes the channel axis apart.  Attention heads ([B, S, C]
+#: -> [B, S, heads, C/heads]) and channel shuffles (ShuffleNet) do this; a
+#: head-level group would need the head count in the Reshape constants to
+#: follow, which is not implemented: such channels are left as they are.
+SPLIT_REASON = "Reshape splits the channel axis into several axes (attention heads, channel shuffle)"
 
 #: An entry of a computed shape that is read at run time from a non-channel dim.
 DYNAMIC = -(2**62)

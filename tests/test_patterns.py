@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from onnx_intrafusion import prune
+from onnx_intrafusion import coupling, prune
 
 from conftest import assert_valid, feeds_for, run
 
@@ -294,7 +294,7 @@ def test_channel_shuffle(tmp_path, exporter):
     result = check(export(ShuffleNet(), tmp_path, exporter))
     # The shuffle interleaves the two halves: they stay as they are, with a reason.
     assert pruned_sizes(result.report) == [(8, 4)]
-    assert reasons(result.report) == {"Reshape splits or mixes the channel axis"}
+    assert reasons(result.report) == {coupling.SPLIT_REASON}
 
 
 # --------------------------------------------------------------------- dynamic batch, pad, resize
@@ -393,3 +393,5 @@ class Attention(nn.Module):
 def test_transformer_mlp_hidden_is_pruned(tmp_path, exporter):
     result = check(export(Attention(), tmp_path, exporter, shape=(1, 6, 8)))
     assert (32, 16) in pruned_sizes(result.report)
+    # attention heads are left as they are, with the reason; the residual stream passes a LayerNorm
+    assert coupling.SPLIT_REASON in reasons(result.report)
