@@ -352,7 +352,7 @@ def _conv(ctx: _Context, node: gs.Node):
         mult = c_out // group
         if ax is None:
             space = ctx.new_space(c_out, node)
-            ctx.block_spaces([space], node, "depthwise Conv reads channels that cannot be pruned (graph input)")
+            ctx.block_spaces([space], node, "depthwise Conv reads channels that are not pruned (a graph input or after a blocking op)")
             return [0]
         ctx.add_members(ax, PARAM, node.inputs[1], node, axis=0, scale=mult)
         if bias is not None:
@@ -1270,10 +1270,13 @@ def _check_constant_users(ctx: _Context, graph: gs.Graph) -> None:
     spaces_of: dict[str, set[int]] = {}
     for (constant, _, _), space in ctx.member_key.items():
         spaces_of.setdefault(constant, set()).add(space)
+    weights = {m.constant for members in ctx.members for m in members if m.role != PARAM}
     for constant, editors in ctx.constant_users.items():
         tensor = tensors.get(constant)
         readers = {n.name for n in tensor.outputs} if tensor is not None else set()
-        strangers = readers - editors
+        # Per-channel parameters shared by value (dynamo dedupes zero biases
+        # into LayerNorm inputs too): the rewrite gives editors private copies.
+        strangers = readers - editors if constant in weights else set()
         if strangers or (tensor is not None and tensor in graph.outputs):
             who = sorted(strangers)[0] if strangers else "graph output"
             ctx.block_spaces(spaces_of[constant], who, f"constant '{constant}' is shared with a node that would not be edited")

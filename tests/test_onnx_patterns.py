@@ -231,3 +231,17 @@ def test_deduplicated_batchnorm_constants_are_unshared():
     b.output(b.head(z, 6), "out")
     rep = check(b.model({"x": [1, 3, 8, 8]}, {"out": [1, 4]}))
     assert pruned_sizes(rep) == [(4, 2), (4, 2), (6, 3), (8, 4)]
+
+
+def test_bias_shared_with_an_unedited_reader():
+    """A zero bias deduplicated into a LayerNorm that is not edited: the pruned Add gets a private copy."""
+    b = Builder(17)
+    zeros = b.const(np.zeros(6, np.float32), "zero")
+    x = b.op("Transpose", [b.conv("x", 3, 6)], perm=[0, 2, 3, 1])
+    x = b.op("LayerNormalization", [x, b.const(np.ones(6, np.float32), "one"), zeros], axis=-1)
+    h = b.op("MatMul", [x, b.const(RNG.standard_normal((6, 6)).astype(np.float32), "w")])
+    h = b.op("Relu", [b.op("Add", [h, zeros])])
+    y = b.op("MatMul", [h, b.const(RNG.standard_normal((6, 4)).astype(np.float32), "w")])
+    b.output(b.op("ReduceMean", [y], axes=[1, 2], keepdims=0), "out")
+    rep = check(b.model({"x": [1, 3, 8, 8]}, {"out": [1, 4]}))
+    assert pruned_sizes(rep) == [(6, 3)]
