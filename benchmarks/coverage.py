@@ -88,9 +88,9 @@ def export(name: str, exporter: str, folder: Path, size: int) -> Path:
 
 
 def weight_coverage(path: Path, report) -> float:
-    """% of Conv/Gemm/MatMul weight values that belong to a pruned group (as producer or consumer)."""
+    """% of Conv/Gemm/MatMul weight values edited by a pruned group (producer, consumer or depthwise)."""
     graph = model_io.to_graph(model_io.load_model(path).model)
-    in_pruned = {n for g in report.pruned_groups for n in g.producers + g.consumers}
+    in_pruned = {n for g in report.pruned_groups for n in g.producers + g.consumers + g.params}
     total = covered = 0
     for node in graph.nodes:
         if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
@@ -188,11 +188,16 @@ def main(argv=None) -> int:
                           flush=True)
                 (Path(tmp) / f"{name}_{exporter}.onnx").unlink(missing_ok=True)
                 (Path(tmp) / f"{name}_{exporter}.onnx.data").unlink(missing_ok=True)
+                _write(args, rows)  # after every model: a long run stopped early keeps its rows
+    print(f"wrote {_write(args, rows)}")
+    return 0
+
+
+def _write(args, rows) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"sparsity": args.sparsity, "size": args.size, "rows": rows}, indent=1))
-    print(f"wrote {out}")
-    return 0
+    return out
 
 
 if __name__ == "__main__":
