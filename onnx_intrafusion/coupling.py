@@ -352,7 +352,8 @@ def _conv(ctx: _Context, node: gs.Node):
         mult = c_out // group
         if ax is None:
             space = ctx.new_space(c_out, node)
-            ctx.block_spaces([space], node, "depthwise Conv reads channels that are not pruned (a graph input or after a blocking op)")
+            ctx.block_spaces([space], node,
+                             "depthwise Conv reads channels that are not pruned (a graph input or after a blocking op)")
             return [0]
         ctx.add_members(ax, PARAM, node.inputs[1], node, axis=0, scale=mult)
         if bias is not None:
