@@ -242,10 +242,25 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     every weight is a :class:`gs.Constant`; stale ``value_info`` is dropped and
     shapes are re-inferred with data propagation (for Reshape targets).
     """
-    graph = gs.import_onnx(model)
+    graph = gs.import_onnx(_inferred(model))
+    # Shapes first: folding then also evaluates Shape ops on static shapes
+    # (the legacy exporter computes chunk/split sizes from Shape).
     graph.fold_constants(error_ok=True).cleanup().toposort()
+    if any(n.op == "Shape" for n in graph.nodes):
+        # Folding may have made more shapes static (computed Pad amounts): once more.
+        graph = gs.import_onnx(_inferred(gs.export_onnx(graph, do_type_check=False)))
+        graph.fold_constants(error_ok=True).cleanup().toposort()
     _name_nodes(graph)
     return infer_graph_shapes(graph, model)
+
+
+def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ByteSize() >= 2**31 - 1:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
+        return model
 
 
 def _name_nodes(graph: gs.Graph) -> None:
@@ -293,6 +308,12 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto, infer: bool = True) -> 
             model = infer_shapes_fast(model, data_prop=True)
         except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
             pass
+    # Graph outputs keep the types the user declared (inference may turn a
+    # symbolic dim into a number once computed sizes are folded).
+    declared = {o.name: o for o in template.graph.output}
+    for out in model.graph.output:
+        if out.name in declared:
+            out.type.CopyFrom(declared[out.name].type)
     return model
 
 

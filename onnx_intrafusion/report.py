@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from .coupling import CONSUMER, PARAM, PRODUCER, Group
 from .model_io import concrete_input_shapes, params_count, weightless, with_input_shapes
@@ -27,6 +28,13 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
+_MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _known(shape) -> bool:
+    return bool(shape) and all(d is not None for d in shape)
+
+
 def count_macs(model: onnx.ModelProto) -> int:
     """Multiply-accumulates of Conv, Gemm and MatMul at the input shape with batch 1.
 
@@ -37,6 +45,15 @@ def count_macs(model: onnx.ModelProto) -> int:
     except Exception:  # noqa: BLE001 - shape inference can fail on exotic graphs
         return 0
     shapes = _shapes(inferred)
+    if any(n.op_type in _MAC_OPS and not _known(shapes.get(n.output[0])) for n in inferred.graph.node):
+        # Sizes computed from Shape ops (legacy chunk/split): fold them and retry.
+        try:
+            folded = gs.import_onnx(inferred)
+            folded.fold_constants(error_ok=True).cleanup()
+            inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(folded, do_type_check=False), data_prop=True)
+            shapes = _shapes(inferred)
+        except Exception:  # noqa: BLE001
+            pass
     total = 0
     for node in inferred.graph.node:
         out = shapes.get(node.output[0]) if node.output else None

@@ -66,8 +66,13 @@ def _apply_axis(values: np.ndarray, axis: int, pieces: list[tuple[int, int, np.n
 
 def new_axis_size(analysis: Analysis, maps: dict[int, ChannelMap], tensor: str) -> int:
     """Size of ``tensor``'s channel axis after the maps are applied."""
+    return segments_size(analysis, maps, analysis.axes[tensor].segments)
+
+
+def segments_size(analysis: Analysis, maps: dict[int, ChannelMap], segments) -> int:
+    """Positions taken by ``segments`` after the maps are applied."""
     total = 0
-    for seg in analysis.axes[tensor].segments:
+    for seg in segments:
         if seg.space is None:
             total += seg.block
         else:
@@ -81,21 +86,29 @@ def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap])
     """Edit ``graph`` in place so that each group in ``maps`` has its new channels."""
     maps = {gid: m for gid, m in maps.items() if not m.is_identity}
     tensors = graph.tensors()
-    edits: dict[str, dict[int, dict[int, tuple[int, int, np.ndarray]]]] = defaultdict(lambda: defaultdict(dict))
+    # constant -> node -> axis -> offset -> (offset, block, matrix)
+    edits: dict[str, dict[str, dict[int, dict[int, tuple]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict)))
     for gid, cmap in maps.items():
         group = analysis.groups[gid]
         if not group.prunable:
             raise AssertionError(f"group {gid} is blocked and cannot be rewritten")
         for m in group.members:
             matrix = cmap.total if m.role == CONSUMER else cmap.average
-            edits[m.constant][m.axis][m.offset] = (m.offset, m.block, matrix)
-    for name, by_axis in edits.items():
+            edits[m.constant][m.node][m.axis][m.offset] = (m.offset, m.block, matrix)
+    for name, by_node in edits.items():
         tensor = tensors[name]
-        original = np.asarray(tensor.values)
-        values = original
-        for axis, pieces in by_axis.items():
-            values = _apply_axis(values, axis, list(pieces.values()))
-        tensor.values = np.ascontiguousarray(values.astype(original.dtype))
+        readers = list(dict.fromkeys(n.name for n in tensor.outputs))
+        variants = [_edit_key(by_node.get(r, {})) for r in readers]
+        if len(set(variants)) <= 1:
+            tensor.values = _edited(tensor, next(iter(by_node.values())))
+            continue
+        # A constant shared by nodes whose edits differ: a private copy each.
+        for reader in list({id(n): n for n in tensor.outputs}.values()):
+            private = gs.Constant(f"{name}__{reader.name}", _edited(tensor, by_node.get(reader.name, {})))
+            for i, t in enumerate(reader.inputs):
+                if t is tensor:
+                    reader.inputs[i] = private
 
     nodes = {n.name: n for n in graph.nodes}
     for fix in analysis.fixes:
@@ -106,11 +119,58 @@ def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap])
         if fix.kind == "group":
             node.attrs["group"] = size
         elif fix.kind == "shape":
-            shape = np.array(node.inputs[1].values, copy=True)
+            old = node.inputs[fix.input]
+            shape = np.array(old.values, copy=True)
             shape.reshape(-1)[fix.index] = size
             # A private copy: exporters share shape constants between Reshapes.
-            node.inputs[1] = gs.Constant(f"{node.inputs[1].name}__pruned_{node.name}", shape)
+            node.inputs[fix.input] = gs.Constant(f"{old.name}__pruned_{node.name}", shape)
+        elif fix.kind == "split":
+            _fix_split(graph, node, [segments_size(analysis, maps, p) for p in fix.parts])
+        elif fix.kind == "slice":
+            start = segments_size(analysis, maps, fix.parts[0])
+            _fix_slice(node, fix.index, start, start + segments_size(analysis, maps, fix.parts[1]))
     graph.cleanup().toposort()
+
+
+def _fix_split(graph: gs.Graph, node: gs.Node, sizes: list[int]) -> None:
+    """Write explicit split sizes (attribute before opset 13, input from 13; drops ``num_outputs``)."""
+    if "split" in node.attrs or (graph.opset or 13) < 13:
+        node.attrs["split"] = sizes
+        return
+    node.attrs.pop("num_outputs", None)
+    const = gs.Constant(f"{node.name}__split_pruned", np.array(sizes, dtype=np.int64))
+    if len(node.inputs) > 1:
+        node.inputs[1] = const
+    else:
+        node.inputs.append(const)
+
+
+def _fix_slice(node: gs.Node, index: int, start: int, end: int) -> None:
+    """Set entry ``index`` of a Slice's starts and ends (attributes before opset 10, else inputs)."""
+    if "starts" in node.attrs:
+        for name, value in (("starts", start), ("ends", end)):
+            vals = list(node.attrs[name])
+            vals[index] = value
+            node.attrs[name] = vals
+        return
+    for i, value in ((1, start), (2, end)):
+        old = node.inputs[i]
+        vals = np.array(old.values, copy=True)
+        vals.reshape(-1)[index] = value
+        node.inputs[i] = gs.Constant(f"{old.name}__pruned_{node.name}_{i}", vals)
+
+
+def _edit_key(by_axis: dict) -> tuple:
+    return tuple(sorted((axis, off, piece[1], id(piece[2])) for axis, pieces in by_axis.items()
+                        for off, piece in pieces.items()))
+
+
+def _edited(tensor: gs.Constant, by_axis: dict) -> np.ndarray:
+    original = np.asarray(tensor.values)
+    values = original
+    for axis, pieces in by_axis.items():
+        values = _apply_axis(values, axis, list(pieces.values()))
+    return np.ascontiguousarray(values.astype(original.dtype))
 
 
 def _touches(analysis: Analysis, maps: dict[int, ChannelMap], tensor: str) -> bool:

@@ -243,13 +243,13 @@ def test_concat_of_two_branches_feeds_one_consumer():
 
 
 def test_unsupported_op_blocks_its_group_with_the_node_named():
-    nodes = [helper.make_node("LRN", ["m_in"], ["m_out"], size=3, name="the_lrn")]
-    model = cnn_with(nodes)
+    nodes = [helper.make_node("CumSum", ["m_in", "cum_axis"], ["m_out"], name="the_cumsum")]
+    model = cnn_with(nodes, extra_inits={"cum_axis": np.array(1, np.int64)})
     res = prune(model, sparsity=0.5, method="prune")
     assert_valid(res.model, model)
     blocked = res.report.blocked_groups
     assert len(blocked) == 1 and blocked[0].channels_after == blocked[0].channels_before == 8
-    assert blocked[0].blocked[0]["node"] == "the_lrn (LRN)" and "not supported" in blocked[0].blocked[0]["reason"]
+    assert blocked[0].blocked[0]["node"] == "the_cumsum (CumSum)" and "not supported" in blocked[0].blocked[0]["reason"]
     assert len(res.report.pruned_groups) == 1  # conv2 still pruned
 
 

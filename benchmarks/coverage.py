@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Coverage benchmark: can the tool prune real torchvision architectures?
+
+For every model: export with random weights (both torch exporters), prune at
+``--sparsity`` with both methods, and print one row per (model, exporter,
+method): valid (onnx.checker + onnxruntime run) / groups pruned / groups
+blocked with the most common reasons / % of Conv+Gemm+MatMul weights that sit
+in a pruned group / params and MACs before -> after / wall time.  JSON goes to
+``results/coverage.json``.
+
+torchvision is not a dependency of the project.  Install it in a separate
+virtual environment (large, about 5.5 GB)::
+
+    python -m venv /work/tv-venv
+    /work/tv-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 onnx onnxscript onnxruntime \
+        onnx-graphsurgeon pot numpy
+    /work/tv-venv/bin/pip install -e . --no-deps
+    /work/tv-venv/bin/python benchmarks/coverage.py            # all models
+    /work/tv-venv/bin/python benchmarks/coverage.py --models resnet18 vit_b_16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import json
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onnx_intrafusion import model_io, prune  # noqa: E402
+from onnx_intrafusion.errors import UserError  # noqa: E402
+
+MODELS = [
+    "resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+    "densenet121", "shufflenet_v2_x1_0", "squeezenet1_1", "regnet_x_400mf", "googlenet",
+    "resnext50_32x4d", "convnext_tiny", "mnasnet1_0", "vit_b_16",
+]
+EXPORTERS = ("legacy", "dynamo")
+METHODS = ("intrafusion", "prune")
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _import_torchvision():
+    try:
+        import torch
+        import torchvision
+    except ImportError:
+        sys.exit(
+            "torchvision is missing. Install it in a separate venv (never in the project's environment):\n"
+            "  python -m venv /work/tv-venv\n"
+            "  /work/tv-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 onnx onnxscript onnxruntime "
+            "onnx-graphsurgeon pot numpy\n"
+            "  /work/tv-venv/bin/pip install -e . --no-deps\n"
+            "then run this script with /work/tv-venv/bin/python"
+        )
+    return torch, torchvision
+
+
+def export(name: str, exporter: str, folder: Path, size: int) -> Path:
+    torch, torchvision = _import_torchvision()
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    x = torch.randn(1, 3, size, size)
+    path = folder / f"{name}_{exporter}.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["logits"])
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["logits"])
+    return path
+
+
+def weight_coverage(path: Path, report) -> float:
+    """% of Conv/Gemm/MatMul weight values edited by a pruned group (producer, consumer or depthwise)."""
+    graph = model_io.to_graph(model_io.load_model(path).model)
+    in_pruned = {n for g in report.pruned_groups for n in g.producers + g.consumers + g.params}
+    total = covered = 0
+    for node in graph.nodes:
+        if node.op not in WEIGHT_OPS or len(node.inputs) < 2:
+            continue
+        w = node.inputs[1]
+        if not hasattr(w, "values"):
+            continue
+        n = int(np.prod(w.shape))
+        total += n
+        if node.name in in_pruned:
+            covered += n
+    return 100.0 * covered / total if total else 0.0
+
+
+def run_one(path: Path, method: str, sparsity: float) -> dict:
+    row: dict = {"method": method}
+    start = time.perf_counter()
+    try:
+        result = prune(path, sparsity=sparsity, method=method, validate=False)
+    except UserError as exc:
+        row.update(valid=False, error=f"{type(exc).__name__}: {exc}", time_s=time.perf_counter() - start)
+        return row
+    except Exception as exc:  # noqa: BLE001 - a bug: record and go on
+        row.update(valid=False, error=f"BUG {type(exc).__name__}: {exc}", trace=traceback.format_exc(),
+                   time_s=time.perf_counter() - start)
+        return row
+    elapsed = time.perf_counter() - start
+    rep = result.report
+    valid, error = True, None
+    try:
+        onnx.checker.check_model(result.model, full_check=True)
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {}
+        for inp in sess.get_inputs():
+            dims = [d if isinstance(d, int) else 1 for d in inp.shape]
+            feeds[inp.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+        outs = sess.run(None, feeds)
+        if not all(np.all(np.isfinite(o)) for o in outs):
+            valid, error = False, "non-finite output"
+    except Exception as exc:  # noqa: BLE001
+        valid, error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    reasons = collections.Counter(b["reason"] for g in rep.blocked_groups for b in g.blocked)
+    row.update(
+        valid=valid, error=error, time_s=round(elapsed, 2),
+        pruned=len(rep.pruned_groups), blocked=len(rep.blocked_groups), groups=len(rep.groups),
+        reasons=reasons.most_common(4),
+        weights_in_pruned_pct=round(weight_coverage(path, rep), 1),
+        params=[rep.params_before, rep.params_after], macs=[rep.macs_before, rep.macs_after],
+    )
+    return row
+
+
+def _m(x: int) -> str:
+    return f"{x / 1e6:.2f}M"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=MODELS)
+    p.add_argument("--exporters", nargs="*", default=list(EXPORTERS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS))
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit and vgg use 224: fixed-size layers)")
+    p.add_argument("--out", default=str(ROOT / "results" / "coverage.json"))
+    args = p.parse_args(argv)
+    rows = []
+    header = (f"{'model':<20} {'exporter':<7} {'method':<11} {'valid':<5} {'pruned':>6} {'blocked':>7} "
+              f"{'w%':>5} {'params before->after':>22} {'MACs before->after':>22} {'time':>6}  top blocked reasons")
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            for exporter in args.exporters:
+                size = 224 if name.startswith(("vit", "vgg")) else args.size
+                try:
+                    path = export(name, exporter, Path(tmp), size)
+                except Exception as exc:  # noqa: BLE001
+                    rows.append({"model": name, "exporter": exporter, "export_error": str(exc).splitlines()[0]})
+                    print(f"{name:<20} {exporter:<7} export failed: {str(exc).splitlines()[0][:100]}", flush=True)
+                    continue
+                for method in args.methods:
+                    row = {"model": name, "exporter": exporter, **run_one(path, method, args.sparsity)}
+                    rows.append(row)
+                    if "pruned" not in row or row.get("error"):
+                        print(f"{name:<20} {exporter:<7} {method:<11} {str(row['valid']):<5} "
+                              f"{row.get('error', '')[:160]}", flush=True)
+                        if "pruned" not in row:
+                            continue
+                    reasons = "; ".join(f"{r} x{n}" for r, n in row["reasons"][:2])
+                    print(f"{name:<20} {exporter:<7} {method:<11} {str(row['valid']):<5} {row['pruned']:>6} "
+                          f"{row['blocked']:>7} {row['weights_in_pruned_pct']:>5.1f} "
+                          f"{_m(row['params'][0]):>10}->{_m(row['params'][1]):<11} "
+                          f"{_m(row['macs'][0]):>10}->{_m(row['macs'][1]):<11} {row['time_s']:>6.1f}  {reasons[:140]}",
+                          flush=True)
+                (Path(tmp) / f"{name}_{exporter}.onnx").unlink(missing_ok=True)
+                (Path(tmp) / f"{name}_{exporter}.onnx.data").unlink(missing_ok=True)
+                _write(args, rows)  # after every model: a long run stopped early keeps its rows
+    print(f"wrote {_write(args, rows)}")
+    return 0
+
+
+def _write(args, rows) -> Path:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"sparsity": args.sparsity, "size": args.size, "rows": rows}, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
