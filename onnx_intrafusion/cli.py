@@ -21,6 +21,7 @@ EPILOG = """examples:
   onnx-intrafusion model.onnx model_pruned.onnx --sparsity 0.5
   onnx-intrafusion model.onnx small.onnx --sparsity 0.3 --method prune --importance l2 --report report.json
   python -m onnx_intrafusion in.onnx out.onnx --sparsity 0.5 --ot-reg 0.05 --provider cpu
+  onnx-intrafusion model.onnx small.onnx --sparsity 0.5 --calibration calib.npz   (recommended with data)
 
 exit codes: 0 ok, 1 internal error (a bug: please report; --debug shows the traceback),
             2 bad option, 3 unreadable, invalid or unsupported model, 4 nothing prunable,
@@ -52,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of channels removed in every prunable group, 0 <= S < 1 (default 0.5)")
     p.add_argument("--method", choices=METHODS, default="intrafusion",
                    help="intrafusion: merge removed channels into kept ones (default); prune: drop them")
-    p.add_argument("--importance", choices=IMPORTANCES, default="l1",
-                   help="channel importance that picks the kept channels (default l1)")
+    p.add_argument("--importance", choices=(*IMPORTANCES, "activation"), default="l1",
+                   help="channel importance that picks the kept channels (default l1); activation = mean "
+                   "|activation| on the calibration data (needs --calibration)")
     p.add_argument("--ot-reg", type=float, default=0.0,
                    help="entropic regularisation for Sinkhorn, relative to the largest cost; 0 = exact OT (default)")
     p.add_argument("--ot-p", type=float, default=1.0, help="Minkowski p of the transport ground cost (default 1)")
@@ -70,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --global: what --sparsity is a fraction of (default macs)")
     p.add_argument("--max-group-sparsity", type=float, default=0.9, metavar="S",
                    help="with --global: no group loses more than this fraction of its channels (default 0.9)")
+    data = p.add_argument_group("calibration data (recommended when available; no labels needed)")
+    data.add_argument("--calibration", metavar="FILE.npz",
+                      help="unlabelled inputs: keys = model input names (any one key for a single-input "
+                      "model), first axis = samples; a few hundred are enough")
+    data.add_argument("--calibration-samples", type=int, metavar="N", help="use at most N calibration samples")
+    data.add_argument("--recover", choices=("none", "bias", "lstsq", "ewr"), default=None,
+                      help="re-fit each pruned layer on the calibration data, input to output: bias = mean "
+                      "shift, lstsq = ridge least squares (default with --calibration), ewr = entropic "
+                      "Wasserstein regression (SWAP); none without --calibration")
+    data.add_argument("--recover-alpha", type=float, default=1e-3,
+                      help="ridge strength towards the fused weights, relative to the input energy (default 1e-3)")
+    data.add_argument("--ewr-eps", type=float, default=0.05,
+                      help="EWR entropic regulariser, relative to the mean transport cost (default 0.05)")
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check of the result")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
@@ -199,6 +214,11 @@ def _run(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         provider=args.provider,
         progress=say,
+        calibration=args.calibration,
+        calibration_samples=args.calibration_samples,
+        recover=args.recover,
+        recover_alpha=args.recover_alpha,
+        ewr_eps=args.ewr_eps,
     )
     written = save_model(result.model, args.output)
     if args.report:

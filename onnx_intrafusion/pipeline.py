@@ -96,17 +96,22 @@ PROGRESS_WIDE_GROUP = 512
 PROGRESS_EVERY_S = 1.0
 
 
-def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int) -> np.ndarray:
+def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
+            given: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """Scores of a group: ``given`` ones (e.g. activation importance) or a weight metric."""
+    if given is not None and group.id in given:
+        return given[group.id]
     rng = np.random.default_rng([seed, group.id])
-    return importance_mod.group_scores(scored, importance, rng)
+    return importance_mod.group_scores(scored, "l1" if importance == "activation" else importance, rng)
 
 
 def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
                  seed: int = 0, selected: set[int] | None = None, target: str = "macs",
-                 max_group_sparsity: float = 0.9, round_to: int = 1) -> dict[int, int]:
+                 max_group_sparsity: float = 0.9, round_to: int = 1,
+                 given_scores: dict[int, np.ndarray] | None = None) -> dict[int, int]:
     """Channels kept per group under global allocation (see :mod:`allocation`)."""
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
-    scores = {g.id: _scores(g, _group_rows(g, values)[0], importance, seed) for g in todo}
+    scores = {g.id: _scores(g, _group_rows(g, values)[0], importance, seed, given_scores) for g in todo}
     macs = allocation_mod.node_macs(graph, analysis) if target == "macs" else None
     return allocation_mod.global_keeps(analysis, scores, sparsity, macs, target, max_group_sparsity, round_to)
 
@@ -114,11 +119,14 @@ def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], spars
 def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, method: str,
                 importance: str, seed: int = 0, selected: set[int] | None = None, ot_reg: float = 0.0,
                 ot_p: float = 1.0, marginals: str = "uniform", round_to: int = 1,
-                progress: Progress | None = None, keeps: dict[int, int] | None = None) -> dict[int, plans.ChannelMap]:
+                progress: Progress | None = None, keeps: dict[int, int] | None = None,
+                given_scores: dict[int, np.ndarray] | None = None) -> dict[int, plans.ChannelMap]:
     """A channel map for every prunable (and selected) group.
 
     ``keeps`` (group id -> channels kept, from :func:`global_keeps`) replaces
     the uniform ``sparsity``; groups missing from it are left unchanged.
+    ``given_scores`` (group id -> per-channel scores, e.g. activation
+    importance) replaces the weight-based ``importance`` for those groups.
     """
     maps = {}
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
@@ -135,7 +143,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
             progress(f"  group {group.id}: {group.size} -> {keep} channels ({n}/{len(todo)})")
             last = time.perf_counter()
         scored, features = _group_rows(group, values)
-        scores = _scores(group, scored, importance, seed)
+        scores = _scores(group, scored, importance, seed, given_scores)
         kept = importance_mod.top_k(scores, keep)
         if method == "prune":
             maps[group.id] = plans.selection(group.size, kept)
@@ -175,6 +183,11 @@ def prune(
     validate: bool = True,
     provider: str = "auto",
     progress: Progress | None = None,
+    calibration=None,
+    calibration_samples: int | None = None,
+    recover: str | None = None,
+    recover_alpha: float = 1e-3,
+    ewr_eps: float = 0.05,
 ) -> PruneResult:
     """Prune every prunable channel group of ``model`` by ``sparsity``.
 
@@ -183,14 +196,22 @@ def prune(
     Returns the pruned model and a :class:`Report`; raises a
     :class:`~onnx_intrafusion.errors.UserError` subclass for bad input.
 
+    ``calibration`` (an .npz path, a dict of arrays or an iterable of feed
+    dicts; no labels) enables data-aware recovery ``recover`` in
+    none/bias/lstsq/ewr (default lstsq with calibration, none without) and
+    ``importance="activation"``; see :mod:`onnx_intrafusion.recovery`.
     ``allocation="global"`` ranks channels across all groups instead of
     removing ``sparsity`` of every group: ``sparsity`` of the MACs
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
     channels (see :mod:`onnx_intrafusion.allocation`).
     """
-    check_options(sparsity, method, importance, ot_reg, ot_p, marginals, round_to, allocation, global_target,
-                  max_group_sparsity)
+    from . import calibration as calibration_mod
+
+    check_options(sparsity, method, "l1" if importance == "activation" else importance, ot_reg, ot_p, marginals,
+                  round_to, allocation, global_target, max_group_sparsity)
+    calib, recover = calibration_mod.resolve_options(calibration, calibration_samples, recover, importance,
+                                                     recover_alpha, ewr_eps)
     if validate:
         from .validate import check_provider
 
@@ -201,10 +222,13 @@ def prune(
                    groups=None if groups is None else sorted(groups))
     if allocation == "global":
         options.update(global_target=global_target, max_group_sparsity=max_group_sparsity)
+    if calib is not None:
+        options.update(recover=recover, calibration_samples=calibration_mod.sample_count(calib))
 
     with timer.stage("load"):
         loaded = model_io.load_model(model)
         original = loaded.model
+        feeds = None if calib is None else calibration_mod.batches(calibration_mod.match(calib, original), original)
         graph = model_io.to_graph(original)
     with timer.stage("groups"):
         analysis = coupling.analyse(graph)
@@ -216,18 +240,26 @@ def prune(
         detail = f"; reasons: {'; '.join(reasons[:3])}" if reasons else ""
         raise NothingToPrune(f"no channel group can be pruned safely ({len(analysis.groups)} groups found{detail})")
     selected = None if groups is None else set(groups)
+    given_scores = None
+    if importance == "activation":
+        from .activations import activation_scores
+
+        with timer.stage("activations"):
+            ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+            given_scores = activation_scores(original, graph, analysis, feeds, ids)
     with timer.stage("plan"):
         keeps = None
         if allocation == "global":
             keeps = global_keeps(graph, analysis, values, sparsity, importance, seed, selected, global_target,
-                                 max_group_sparsity, round_to)
+                                 max_group_sparsity, round_to, given_scores)
         maps = plan_groups(analysis, values, sparsity, method, importance, seed, selected, ot_reg, ot_p,
-                           marginals, round_to, progress, keeps)
+                           marginals, round_to, progress, keeps, given_scores)
     del values  # the original weights' arrays: free them before the rewrite copies
     with timer.stage("rewrite"):
         rewrite.apply_maps(graph, analysis, maps)
         pruned = model_io.to_model(graph, original)
-        del graph  # the pruned model holds its own copy: keep peak memory down in validate
+        if recover == "none":
+            del graph  # the pruned model holds its own copy: keep peak memory down in validate
         try:
             # = check_model(full_check=True), whose strict shape inference
             # runs on a weightless copy (seconds faster on big models).
@@ -237,6 +269,16 @@ def prune(
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
+    layers = []
+    if recover != "none":
+        from .activations import recover as recover_layers
+
+        with timer.stage("recover"):
+            layers = recover_layers(graph, original, analysis, maps, feeds, recover, alpha=recover_alpha,
+                                    eps=ewr_eps, seed=seed, progress=progress)
+            pruned = model_io.to_model(graph, original)
+            if pruned.ByteSize() < 2**31 - 1:
+                onnx.checker.check_model(pruned, full_check=True)
 
     report = Report(options=options)
     for g in analysis.groups:
@@ -247,6 +289,8 @@ def prune(
             report.groups.append(GroupRow.from_group(g, maps[g.id].keep, "pruned", maps[g.id].kept))
         else:
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
+    if layers:
+        report.attach_recovery(layers, analysis)
     with timer.stage("stats"):
         report.params_before, report.macs_before = model_stats(original)
         report.params_after, report.macs_after = model_stats(pruned)

@@ -91,6 +91,9 @@ class GroupRow:
     params: list[str]
     blocked: list[dict] = field(default_factory=list)
     kept: list[int] | None = None  # indices of the kept channels (pruned groups)
+    # Relative reconstruction error of the consumers' outputs on the calibration
+    # data, before/after recovery (worst consumer); None without recovery.
+    recovery_error: dict | None = None
 
     @classmethod
     def from_group(cls, group: Group, after: int, status: str, kept=None) -> "GroupRow":
@@ -117,6 +120,17 @@ class Report:
     groups: list[GroupRow] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     validation: dict | None = None
+    recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
+
+    def attach_recovery(self, layers, analysis) -> None:
+        """Record per-layer recovery rows and, per group, its consumers' worst errors."""
+        self.recovery = [layer.to_dict() for layer in layers]
+        by_node = {r["node"]: r for r in self.recovery}
+        for row in self.groups:
+            hits = [by_node[n] for n in row.consumers if n in by_node]
+            if row.status == "pruned" and hits:
+                row.recovery_error = {"before": max(h["error_before"] for h in hits),
+                                      "after": max(h["error_after"] for h in hits)}
 
     def to_dict(self) -> dict:
         return {
@@ -126,6 +140,7 @@ class Report:
             "groups": [vars(g) for g in self.groups],
             "timings_s": self.timings,
             "validation": self.validation,
+            **({"recovery": self.recovery} if self.recovery else {}),
         }
 
     def to_json(self) -> str:
@@ -153,9 +168,20 @@ class Report:
             if g.blocked:
                 b = g.blocked[0]
                 what = f"{b['node']}: {b['reason']}" + (f" (+{len(g.blocked) - 1} more)" if len(g.blocked) > 1 else "")
+            rec = g.recovery_error
+            if rec:
+                what += f"  [recon. error {rec['before']:.3f} -> {rec['after']:.3f}]"
             lines.append(f"{g.id:>5}  {g.channels_before:>5}->{g.channels_after:<5}  {g.status:<9} {what}")
         if len(self.groups) > max_rows:
             lines.append(f"  ... {len(self.groups) - max_rows} more groups (see --report JSON)")
+        if self.recovery:
+            o = self.options
+            before = max(r["error_before"] for r in self.recovery)
+            after = max(r["error_after"] for r in self.recovery)
+            lines.append("")
+            lines.append(f"recovery {o.get('recover')} on {o.get('calibration_samples')} calibration samples: "
+                         f"{len(self.recovery)} layers re-solved, worst relative output error "
+                         f"{before:.3f} -> {after:.3f}")
         if self.validation:
             lines.append("")
             lines.append(f"validation on {self.validation['provider']} ({self.validation['samples']} random samples):")

@@ -1,0 +1,288 @@
+"""Calibration-driven recovery (bias / lstsq / ewr), activation importance, calibration input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import ROOT, SAMPLES, assert_valid, run, sample
+from onnx_intrafusion import prune, recovery
+from onnx_intrafusion.cli import main as cli_main
+from onnx_intrafusion.errors import UsageError
+
+
+# --------------------------------------------------------------------------- helpers
+def _linear_model(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
+    """x[N, d] -> Gemm(w1, transB) -> Gemm(w2, transB) -> y: linear only."""
+    d, h, o = w1.shape[1], w1.shape[0], w2.shape[0]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Gemm", ["h", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    inits = [numpy_helper.from_array(w1.astype(np.float32), "w1"),
+             numpy_helper.from_array(np.zeros(h, np.float32), "b1"),
+             numpy_helper.from_array(w2.astype(np.float32), "w2"),
+             numpy_helper.from_array(np.full(o, 0.1, np.float32), "b2")]
+    graph = helper.make_graph(nodes, "lin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", o])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _stats(x: np.ndarray, t: np.ndarray, keep_rows: int = 0) -> recovery.Stats:
+    st = recovery.Stats(1, x.shape[1], t.shape[1], keep_rows=keep_rows)
+    for i in range(0, len(x), 100):
+        st.add(x[i:i + 100, None, :], t[i:i + 100, None, :])
+    return st
+
+
+# --------------------------------------------------------------------------- solvers
+def test_lstsq_recovers_exact_linear_map_from_any_prior():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 6))
+    w_true, b_true = rng.standard_normal((6, 3)), rng.standard_normal(3)
+    st = _stats(x, x @ w_true + b_true)
+    truth = np.concatenate([w_true, b_true[None]])[None]
+    # The true map is its own fixed point (nothing pruned: nothing changes) ...
+    assert np.allclose(recovery.solve_lstsq(st, truth, alpha=1e-3), truth, atol=1e-10)
+    # ... and a zero prior is pulled to it by the data.
+    assert np.allclose(recovery.solve_lstsq(st, np.zeros_like(truth), alpha=1e-9), truth, atol=1e-5)
+    assert st.relative_error(truth) < 1e-6
+
+
+def test_bias_mode_matches_mean_output():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 4)) + 2.0
+    t = x @ rng.standard_normal((4, 2)) + 5.0
+    st = _stats(x, t)
+    prior = np.concatenate([rng.standard_normal((4, 2)), np.zeros((1, 2))])[None]
+    new = recovery.solve_bias(st, prior)
+    pred = x @ new[0, :4] + new[0, 4]
+    assert np.allclose(pred.mean(axis=0), t.mean(axis=0))
+    assert np.array_equal(new[0, :4], prior[0, :4])
+
+
+def test_ewr_with_diagonal_coupling_is_lstsq():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((600, 5))
+    t = x @ rng.standard_normal((5, 3)) + 0.3 * rng.standard_normal((600, 3))
+    st = _stats(x, t, keep_rows=512)
+    prior = rng.standard_normal((1, 6, 3))
+    diagonal = lambda targets, preds: np.eye(len(targets)) / len(targets)  # noqa: E731
+    ewr = recovery.solve_ewr(st, prior, alpha=1e-3, coupling=diagonal)
+    assert np.allclose(ewr, recovery.solve_lstsq(st, prior, alpha=1e-3), atol=1e-10)
+
+
+def test_ewr_tends_to_lstsq_as_eps_vanishes_and_differs_for_large_eps():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((512, 6))
+    t = x @ rng.standard_normal((6, 4))
+    st = _stats(x, t, keep_rows=512)
+    prior = np.zeros((1, 7, 4))
+    ls = recovery.solve_lstsq(st, prior, alpha=1e-6)
+    sharp = recovery.solve_ewr(st, prior, alpha=1e-6, eps=1e-3)
+    assert np.allclose(sharp, ls, atol=1e-3)
+    # A very flat coupling pulls every target to the mean: clearly not lstsq.
+    flat = recovery.solve_ewr(st, prior, alpha=1e-6, eps=100.0)
+    assert not np.allclose(flat, ls, atol=1e-2)
+
+
+def test_conv_rows_match_onnxruntime_convolution():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 4, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)  # grouped: 2 groups
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=2, pads=[1, 0, 1, 2], strides=[2, 1])
+    graph = helper.make_graph([node], "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    y = run(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), {"x": x})["y"]
+    lin = recovery.from_node("Conv", w, None, {"group": 2, "pads": [1, 0, 1, 2], "strides": [2, 1]})
+    pos = np.array([0, 3, 5, y.shape[2] * y.shape[3] - 1])
+    xr, yr = recovery.conv_rows(x, y, lin, pos, (3, 3))
+    pred = np.einsum("ngd,gdo->ngo", xr, lin.weight).reshape(len(yr), -1)
+    assert np.allclose(pred, yr, atol=1e-4)
+    assert np.array_equal(recovery.to_weight(lin, lin.weight), w)
+
+
+# --------------------------------------------------------------------------- pipeline
+def test_lstsq_restores_linear_model_after_pruning_duplicates():
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((4, 6))
+    base /= np.abs(base).sum(axis=1, keepdims=True)  # equal producer norms: the consumer decides
+    w1 = np.concatenate([base, base])  # channels 4..7 duplicate 0..3
+    head = rng.standard_normal((3, 4))
+    head /= np.abs(head).sum(axis=0, keepdims=True)
+    w2 = np.concatenate([head, 0.5 * head], axis=1)  # the duplicates matter less: channels 0..3 are kept
+    model = _linear_model(w1, w2)
+    x = rng.standard_normal((256, 6)).astype(np.float32)
+    plain = prune(model, 0.5, "prune", validate=False).model
+    fixed = prune(model, 0.5, "prune", calibration={"x": x}, recover="lstsq", recover_alpha=1e-8, validate=False)
+    test = {"x": rng.standard_normal((32, 6)).astype(np.float32)}
+    want = run(model, test)["y"]
+    assert not np.allclose(run(plain, test)["y"], want, atol=1e-2)  # plain pruning loses the duplicates
+    assert np.allclose(run(fixed.model, test)["y"], want, atol=1e-3)
+    assert fixed.report.groups[0].kept == [0, 1, 2, 3]
+    assert fixed.report.recovery and fixed.report.recovery[-1]["error_after"] < 1e-3
+    assert_valid(fixed.model, model)
+
+
+@pytest.mark.parametrize("mode", ["bias", "lstsq", "ewr"])
+def test_recovery_is_finite_on_degenerate_calibration(mode):
+    src = sample("vgg_dynbatch_legacy.onnx")
+    model = onnx.load(str(src))
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    for x in (np.zeros([8, *shape], np.float32), np.full([8, *shape], 1e4, np.float32)):
+        result = prune(src, 0.5, calibration={"any": x}, recover=mode, validate=False)
+        for init in result.model.graph.initializer:
+            assert np.all(np.isfinite(numpy_helper.to_array(init)))
+        assert_valid(result.model, model)
+
+
+def _digits_model(tmp_path_factory):
+    """The bundled digits CNN, or (before it is committed) a tiny one trained here in a few seconds."""
+    bundled = SAMPLES / "digits" / "digits_cnn.onnx"
+    if bundled.exists():
+        return bundled, True
+    torch = pytest.importorskip("torch")
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = ((data.images / 16.0 - 0.3053) / 0.376).astype(np.float32)[:, None]
+    y = data.target
+    idx = np.random.default_rng(0).permutation(len(x))
+    train, test = idx[:1347], idx[1347:]
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is fastest on a shared machine
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
+    for _ in range(12):
+        for i in range(0, len(train), 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[i:i + 64]), yt[i:i + 64]).backward()
+            opt.step()
+    torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("digits") / "digits_cnn.onnx"
+    torch.onnx.export(net.eval(), torch.zeros(1, 1, 8, 8), str(path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    np.savez(path.with_suffix(".npz"), x_train=x[train], x_test=x[test], y_test=y[test])
+    return path, False
+
+
+def _digits_split(path, bundled):
+    if not bundled:
+        d = np.load(path.with_suffix(".npz"))
+        return d["x_train"], d["x_test"], d["y_test"]
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.datasets import load_digits_split
+
+    return load_digits_split("train")[0], *load_digits_split("test")
+
+
+def test_calibration_beats_data_free_on_real_digits(tmp_path_factory):
+    path, bundled = _digits_model(tmp_path_factory)
+    x_train, x_test, y_test = _digits_split(path, bundled)
+    name = onnx.load(str(path)).graph.input[0].name
+
+    def accuracy(model):
+        return float((run(model, {name: x_test})[next(iter(run(model, {name: x_test[:1]})))].argmax(1)
+                      == y_test).mean())
+
+    base = accuracy(onnx.load(str(path)))
+    free = accuracy(prune(path, 0.5, validate=False).model)
+    calib = {"images": x_train[:256]}
+    acc = {mode: accuracy(prune(path, 0.5, calibration=calib, recover=mode, validate=False).model)
+           for mode in ("lstsq", "ewr")}
+    act = accuracy(prune(path, 0.5, importance="activation", calibration=calib, validate=False).model)
+    assert base > 0.9
+    gap = 0.3 if bundled else 0.05  # the bundled model collapses without data (~10-20%)
+    assert acc["lstsq"] > free + gap and acc["lstsq"] > 0.8, (base, free, acc)
+    assert acc["ewr"] > free + gap, (free, acc)
+    assert act > free + gap, (free, act)
+
+
+# --------------------------------------------------------------------------- options and errors
+def test_calibration_forms_are_equivalent(tmp_path):
+    src = sample("vgg_dynbatch_legacy.onnx")
+    shape = [d.dim_value for d in onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim][1:]
+    x = np.random.default_rng(0).standard_normal([12, *shape]).astype(np.float32)
+    np.savez(tmp_path / "c.npz", whatever=x)
+    a = prune(src, 0.5, calibration=tmp_path / "c.npz", validate=False)
+    b = prune(src, 0.5, calibration=[{"input": x[:6]}, {"input": x[6:]}], recover="lstsq", validate=False)
+    c = prune(src, 0.5, calibration={"x": x.astype(np.float64)}, calibration_samples=12, validate=False)
+    assert a.report.options["recover"] == "lstsq" and a.report.options["calibration_samples"] == 12
+    weights = [{i.name: numpy_helper.to_array(i) for i in r.model.graph.initializer} for r in (a, b, c)]
+    for name, value in weights[0].items():
+        assert np.allclose(value, weights[1][name], atol=1e-5) and np.allclose(value, weights[2][name], atol=1e-5)
+    assert any(g.recovery_error for g in a.report.groups)
+    assert "recon. error" in a.report.to_text()
+
+
+def _bad_calibration(tmp_path):
+    src = sample("vgg_dynbatch_legacy.onnx")
+    shape = [d.dim_value for d in onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim][1:]
+    good = np.zeros([4, *shape], np.float32)
+    np.save(tmp_path / "single.npy", good)
+    (tmp_path / "junk.npz").write_text("not a zip")
+    return src, [
+        (tmp_path / "missing.npz", "not found"),
+        (tmp_path / "junk.npz", "not a readable .npz"),
+        (tmp_path / "single.npy", "single .npy"),
+        ({"input": good[:0]}, "empty"),
+        ({"input": good[:, :, :3]}, "has shape"),
+        ({"input": good[0]}, "rank"),
+        ({"input": good.astype(np.int32)}, "dtype"),
+        ({"a": good, "b": good}, "lacks model input"),
+        ({"input": np.full_like(good, np.nan)}, "NaN"),
+        ({"input": good, "other": good[:2]}, "different sample counts"),
+    ]
+
+
+def test_bad_calibration_is_a_one_line_usage_error(tmp_path):
+    src, cases = _bad_calibration(tmp_path)
+    for calib, needle in cases:
+        with pytest.raises(UsageError, match=needle) as info:
+            prune(src, 0.5, calibration=calib, validate=False)
+        assert "\n" not in str(info.value)
+    for kwargs, needle in [(dict(recover="lstsq"), "needs calibration"),
+                           (dict(importance="activation"), "needs calibration"),
+                           (dict(calibration={"x": np.zeros((2, 3))}, recover="magic"), "unknown recovery"),
+                           (dict(calibration={"x": np.zeros((2, 3))}, calibration_samples=0), "positive"),
+                           (dict(calibration={"x": np.zeros((2, 3))}, ewr_eps=0), "ewr-eps")]:
+        with pytest.raises(UsageError, match=needle):
+            prune(src, 0.5, validate=False, **kwargs)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "onnx_intrafusion", *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_cli_calibration_options(tmp_path, capsys):
+    src = sample("vgg_dynbatch_legacy.onnx")
+    shape = [d.dim_value for d in onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim][1:]
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal([16, *shape]).astype(np.float32))
+    out, rep = tmp_path / "out.onnx", tmp_path / "rep.json"
+    proc = _cli(src, out, "--calibration", tmp_path / "calib.npz", "--calibration-samples", 8, "--recover", "ewr",
+                "--importance", "activation", "--report", rep, "--no-validate")
+    assert proc.returncode == 0, proc.stderr
+    assert "recovery ewr on 8 calibration samples" in proc.stdout
+    report = json.loads(rep.read_text())
+    assert report["options"]["recover"] == "ewr" and report["recovery"]
+    assert_valid(onnx.load(str(out)), onnx.load(str(src)))
+    for args, needle in [(("--calibration", tmp_path / "nope.npz"), "calibration file not found"),
+                         (("--recover", "lstsq"), "needs calibration data"),
+                         (("--importance", "activation"), "needs calibration data")]:
+        code = cli_main([str(a) for a in (src, tmp_path / "x.onnx", *args)])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and err.count("\n") == 1, err
+        assert not (tmp_path / "x.onnx").exists()
