@@ -622,13 +622,17 @@ def _elementwise(ctx: _Context, node: gs.Node):
     return [i for i, _ in tracked]
 
 
-def _reduce_axes(ctx: _Context, node: gs.Node) -> list[int] | None:
+def _axes_operand(ctx: _Context, node: gs.Node, absent: list[int] | None) -> list[int] | None:
+    """The ``axes`` of a Reduce/Squeeze/Unsqueeze: attribute (old opsets) or constant input.
+
+    None when the axes are computed at run time; ``absent`` when none are given.
+    """
     if "axes" in node.attrs:
         return list(node.attrs["axes"])
     if len(node.inputs) > 1 and node.inputs[1].name:
         val = ctx.const(node.inputs[1])
         return None if val is None else [int(v) for v in val.reshape(-1)]
-    return []
+    return absent
 
 
 @rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
@@ -638,7 +642,7 @@ def _reduce(ctx: _Context, node: gs.Node):
     rank = ctx.rank(node.inputs[0])
     if ax is None:
         return [0]
-    axes = _reduce_axes(ctx, node)
+    axes = _axes_operand(ctx, node, absent=[])
     if axes is None or rank is None:
         ctx.block(ax, node, "reduction axes are not known")
         return [0]
@@ -1008,22 +1012,13 @@ def _transpose(ctx: _Context, node: gs.Node):
     return [0]
 
 
-def _listed_axes(ctx: _Context, node: gs.Node) -> list[int] | None:
-    if "axes" in node.attrs:
-        return list(node.attrs["axes"])
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        val = ctx.const(node.inputs[1])
-        return None if val is None else [int(v) for v in val.reshape(-1)]
-    return None
-
-
 @rule("Squeeze")
 def _squeeze(ctx: _Context, node: gs.Node):
     ax = ctx.axis_of(node.inputs[0])
     rank = ctx.rank(node.inputs[0])
     if ax is None:
         return [0]
-    axes = _listed_axes(ctx, node)
+    axes = _axes_operand(ctx, node, absent=None)
     if axes is None or rank is None:
         ctx.block(ax, node, "Squeeze axes are not known")
         return [0]
@@ -1041,7 +1036,7 @@ def _unsqueeze(ctx: _Context, node: gs.Node):
     rank = ctx.rank(node.outputs[0])
     if ax is None:
         return [0]
-    axes = _listed_axes(ctx, node)
+    axes = _axes_operand(ctx, node, absent=None)
     if axes is None or rank is None:
         ctx.block(ax, node, "Unsqueeze axes are not known")
         return [0]
