@@ -177,17 +177,25 @@ def plot(result: dict, path: Path) -> None:
         for j, name in enumerate(names):
             ax = axes[i][j]
             rows = [r for r in result["rows"] if r["model"] == name and r["protocol"] == protocol and not r["option"]]
-            if protocol == "group" and rows:
-                first = [r["group"] for r in rows][0]
-                rows = [r for r in rows if r["group"] == first]
-            for method, style in (("intrafusion", "-"), ("prune", "--")):
-                for imp, color in (("l1", "C0"), ("l2", "C1"), ("random", "C2")):
-                    pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
-                                 if r["method"] == method and r["importance"] == imp)
-                    if pts:
-                        ax.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"{method} {imp}")
+            if protocol == "group":
+                # one colour per group, l1 importance: solid Intra-Fusion, dashed prune
+                for k, gid in enumerate(sorted({r["group"] for r in rows})):
+                    for method, style in (("intrafusion", "-"), ("prune", "--")):
+                        pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
+                                     if r["group"] == gid and r["method"] == method and r["importance"] == "l1")
+                        if pts:
+                            ax.plot(*zip(*pts), style, color=f"C{k + 3}", marker="o", ms=3,
+                                    label=f"{method} group {gid}")
+                ax.legend(fontsize=6)
+            else:
+                for method, style in (("intrafusion", "-"), ("prune", "--")):
+                    for imp, color in (("l1", "C0"), ("l2", "C1"), ("random", "C2")):
+                        pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
+                                     if r["method"] == method and r["importance"] == imp)
+                        if pts:
+                            ax.plot(*zip(*pts), style, color=color, marker="o", ms=3, label=f"{method} {imp}")
             ax.axhline(result["originals"][name]["accuracy"], color="gray", lw=0.8, ls=":")
-            title = f"{name}: " + ("whole network" if protocol == "whole" else "group nearest output")
+            title = f"{name}: " + ("whole network" if protocol == "whole" else "one group at a time")
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("sparsity")
             ax.set_ylabel("test accuracy")
