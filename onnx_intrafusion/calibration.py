@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import model_io
 from .errors import UsageError
 
 def read(source, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -99,15 +100,8 @@ def _concat_feeds(feeds: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.nda
 
 def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | None], np.dtype]]:
     """Real graph inputs: dims (None when dynamic) and numpy dtype."""
-    weights = {i.name for i in model.graph.initializer}
-    specs = {}
-    for inp in model.graph.input:
-        if inp.name in weights:
-            continue
-        t = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
-        specs[inp.name] = (dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)))
-    return specs
+    return {name: (dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+            for name, (dims, elem_type) in model_io.input_specs(model).items()}
 
 
 def match(arrays: dict[str, np.ndarray], model: onnx.ModelProto) -> dict[str, np.ndarray]:

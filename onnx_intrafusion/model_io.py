@@ -424,28 +424,33 @@ def _check_written(path: Path) -> None:
 DEFAULT_DYNAMIC_DIM = 32
 
 
+def input_specs(model: onnx.ModelProto) -> dict[str, tuple[list[int | None], int]]:
+    """Dims (None when dynamic) and element type of every real graph input.
+
+    Inputs that are also initializers (old exporters list weights as inputs) are skipped.
+    """
+    weights = {i.name for i in model.graph.initializer}
+    specs = {}
+    for inp in model.graph.input:
+        if inp.name in weights:
+            continue
+        ttype = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in ttype.shape.dim]
+        specs[inp.name] = (dims, ttype.elem_type)
+    return specs
+
+
 def concrete_input_shapes(model: onnx.ModelProto, batch: int = 1,
                           fill: int = DEFAULT_DYNAMIC_DIM) -> dict[str, tuple[list[int], int]]:
     """Concrete shape and element type of every real graph input.
 
     A dynamic first dimension is taken as the batch (``batch``); any other
-    dynamic dimension becomes ``fill``.  Inputs that are also initializers
-    (old exporters list weights as inputs) are skipped.
+    dynamic dimension becomes ``fill``.
     """
-    weights = {i.name for i in model.graph.initializer}
-    shapes = {}
-    for inp in model.graph.input:
-        if inp.name in weights:
-            continue
-        ttype = inp.type.tensor_type
-        dims = []
-        for i, d in enumerate(ttype.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                dims.append(d.dim_value)
-            else:
-                dims.append(batch if i == 0 else fill)
-        shapes[inp.name] = (dims, ttype.elem_type)
-    return shapes
+    return {
+        name: ([d if d is not None else (batch if i == 0 else fill) for i, d in enumerate(dims)], elem_type)
+        for name, (dims, elem_type) in input_specs(model).items()
+    }
 
 
 def with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[list[int], int]]) -> onnx.ModelProto:
