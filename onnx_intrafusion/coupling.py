@@ -622,15 +622,17 @@ def _elementwise(ctx: _Context, node: gs.Node):
     return [i for i, _ in tracked]
 
 
-def _axes_operand(ctx: _Context, node: gs.Node, absent: list[int] | None) -> list[int] | None:
-    """The ``axes`` of a Reduce/Squeeze/Unsqueeze: attribute (old opsets) or constant input.
+def _int_operand(ctx: _Context, node: gs.Node, attr: str, index: int,
+                 absent: list[int] | None) -> list[int] | None:
+    """An int list that old opsets store as attribute ``attr`` and new ones as input ``index``
+    (Reduce/Squeeze/Unsqueeze ``axes``, Split ``split``, Pad ``pads``).
 
-    None when the axes are computed at run time; ``absent`` when none are given.
+    None when it is computed at run time; ``absent`` when neither is given.
     """
-    if "axes" in node.attrs:
-        return list(node.attrs["axes"])
-    if len(node.inputs) > 1 and node.inputs[1].name:
-        val = ctx.const(node.inputs[1])
+    if attr in node.attrs:
+        return [int(v) for v in node.attrs[attr]]
+    if len(node.inputs) > index and node.inputs[index].name:
+        val = ctx.const(node.inputs[index])
         return None if val is None else [int(v) for v in val.reshape(-1)]
     return absent
 
@@ -642,7 +644,7 @@ def _reduce(ctx: _Context, node: gs.Node):
     rank = ctx.rank(node.inputs[0])
     if ax is None:
         return [0]
-    axes = _axes_operand(ctx, node, absent=[])
+    axes = _int_operand(ctx, node, "axes", 1, absent=[])
     if axes is None or rank is None:
         ctx.block(ax, node, "reduction axes are not known")
         return [0]
@@ -901,11 +903,7 @@ def _pad(ctx: _Context, node: gs.Node):
     rank = ctx.rank(node.inputs[0])
     if ax is None:
         return [0]
-    if "pads" in node.attrs:
-        pads = [int(p) for p in node.attrs["pads"]]
-    else:
-        val = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
-        pads = None if val is None else [int(p) for p in val.reshape(-1)]
+    pads = _int_operand(ctx, node, "pads", 1, absent=None)
     axes = list(range(rank)) if rank is not None else None
     if len(node.inputs) > 3 and node.inputs[3].name:
         aval = ctx.const(node.inputs[3])
@@ -1018,7 +1016,7 @@ def _squeeze(ctx: _Context, node: gs.Node):
     rank = ctx.rank(node.inputs[0])
     if ax is None:
         return [0]
-    axes = _axes_operand(ctx, node, absent=None)
+    axes = _int_operand(ctx, node, "axes", 1, absent=None)
     if axes is None or rank is None:
         ctx.block(ax, node, "Squeeze axes are not known")
         return [0]
@@ -1036,7 +1034,7 @@ def _unsqueeze(ctx: _Context, node: gs.Node):
     rank = ctx.rank(node.outputs[0])
     if ax is None:
         return [0]
-    axes = _axes_operand(ctx, node, absent=None)
+    axes = _int_operand(ctx, node, "axes", 1, absent=None)
     if axes is None or rank is None:
         ctx.block(ax, node, "Unsqueeze axes are not known")
         return [0]
@@ -1099,15 +1097,9 @@ def _split(ctx: _Context, node: gs.Node):
             ctx.set_axis(y, ax)
         return [0]
     total = ctx.total(ax)
-    if "split" in node.attrs:
-        sizes = [int(v) for v in node.attrs["split"]]
-    elif len(node.inputs) > 1 and node.inputs[1].name:
-        val = ctx.const(node.inputs[1])
-        sizes = None if val is None else [int(v) for v in val.reshape(-1)]
-    else:
-        n = len(node.outputs)
-        chunk = -(-total // n)  # opset 18 num_outputs: the last part may be smaller
-        sizes = [chunk] * (n - 1) + [total - chunk * (n - 1)]
+    n = len(node.outputs)
+    chunk = -(-total // n)  # no sizes given (opset 18 num_outputs): equal parts, the last may be smaller
+    sizes = _int_operand(ctx, node, "split", 1, absent=[chunk] * (n - 1) + [total - chunk * (n - 1)])
     if sizes is None or sum(sizes) != total or len(sizes) != len(node.outputs):
         ctx.block(ax, node, "Split sizes along the channel axis are not known")
         return [0]
