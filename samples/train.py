@@ -249,7 +249,7 @@ RECIPES = {
     # depthwise convs train ~2x faster in channels_last on CPU (oneDNN)
     "mobilenetv2": dict(cls=MobileNetV2, epochs=6, batch=128, lr=0.1, wd=1e-4, channels_last=True),
     # exported with BatchNormalization unfolded (see export_legacy / export_dynamo)
-    "mobilenetv3": dict(cls=MobileNetV3, epochs=8, batch=128, lr=0.1, wd=1e-4, channels_last=True, keep_bn=True),
+    "mobilenetv3": dict(cls=MobileNetV3, epochs=6, batch=128, lr=0.1, wd=1e-4, channels_last=True, keep_bn=True),
     "digits": dict(cls=DigitsCNN, epochs=60, batch=64, lr=0.05, wd=5e-4, channels_last=False),
 }
 

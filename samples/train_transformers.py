@@ -145,7 +145,7 @@ class TextEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- recipes
-VIT = dict(arch=dict(patch=4, dim=64, depth=4, heads=4, mlp_ratio=2, dropout=0.0), epochs=7, batch=128, lr=2e-3,
+VIT = dict(arch=dict(patch=4, dim=64, depth=4, heads=4, mlp_ratio=2, dropout=0.0), epochs=6, batch=128, lr=2e-3,
            wd=0.05, warmup=0.15, aug="horizontal flip")
 TEXTENC = dict(arch=dict(dim=64, depth=4, heads=4, mlp_ratio=4, dropout=0.1), vocab=6000,
                seq_len=datasets.TEXTENC_SEQ_LEN, epochs=20, batch=32, lr=1e-3, wd=0.01, warmup=0.1, aug="none")
