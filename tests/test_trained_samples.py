@@ -82,3 +82,17 @@ def test_transformer_samples_show_four_attention_blocks(stem, kind):
     assert ops.count("LayerNormalization") == 9  # 2 per layer + final (ViT) / embedding (textenc) norm
     # per layer: Q, K, V, O projections, 2 MLP Linears and the two attention MatMuls
     assert ops.count("MatMul") == 4 * 8
+
+
+@pytest.mark.parametrize("kind", ["legacy", "dynamo"])
+def test_textenc_ignores_tokens_under_the_padding_mask(kind):
+    path = SAMPLES / "transformers" / f"textenc_{kind}.onnx"
+    feeds = _feeds(onnx.load(str(path)), batch=4, seed=1)
+    other = dict(feeds, input_ids=feeds["input_ids"].copy())
+    padded = feeds["attention_mask"] == 0
+    assert padded.any()
+    other["input_ids"][padded] = 7  # change only the masked-out tokens
+    np.testing.assert_allclose(run(path, other)["logits"], run(path, feeds)["logits"], atol=1e-5)
+    changed = dict(feeds, input_ids=feeds["input_ids"].copy())
+    changed["input_ids"][:, 1] = 5  # a visible token: the output must move
+    assert np.abs(run(path, changed)["logits"] - run(path, feeds)["logits"]).max() > 1e-4
