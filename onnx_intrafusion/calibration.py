@@ -188,12 +188,15 @@ def resolve_options(calibration, samples: int | None, recover: str | None, impor
                     alpha: float, ewr_eps: float) -> tuple[dict[str, np.ndarray] | None, str]:
     """Check the data-aware options before any work: (calibration arrays or None, recovery mode).
 
-    ``recover=None`` means lstsq with calibration data and none without.
+    ``recover=None`` means lstsq with calibration data and none without;
+    ``distill`` (gradient fine-tuning, after lstsq) is a mode of its own.
     """
+    from .importance import DATA_IMPORTANCES
     from .recovery import MODES
 
-    if recover is not None and recover not in MODES:
-        raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(MODES)})")
+    modes = (*MODES, "distill")
+    if recover is not None and recover not in modes:
+        raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(modes)})")
     if not (isinstance(alpha, (int, float)) and alpha > 0 and np.isfinite(alpha)):
         raise UsageError(f"recover-alpha must be > 0, got {alpha}")
     if not (isinstance(ewr_eps, (int, float)) and ewr_eps > 0 and np.isfinite(ewr_eps)):
@@ -201,8 +204,8 @@ def resolve_options(calibration, samples: int | None, recover: str | None, impor
     if calibration is None:
         if recover not in (None, "none"):
             raise UsageError(f"--recover {recover} needs calibration data (--calibration FILE.npz)")
-        if importance == "activation":
-            raise UsageError("--importance activation needs calibration data (--calibration FILE.npz)")
+        if importance in DATA_IMPORTANCES:
+            raise UsageError(f"--importance {importance} needs calibration data (--calibration FILE.npz)")
         if samples is not None:
             raise UsageError("--calibration-samples needs calibration data (--calibration FILE.npz)")
         return None, "none"

@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .importance import IMPORTANCES
+    from .importance import DATA_IMPORTANCES, IMPORTANCES
     from .plans import MARGINALS, METHODS
 
     p = _Parser(
@@ -53,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of channels removed in every prunable group, 0 <= S < 1 (default 0.5)")
     p.add_argument("--method", choices=METHODS, default="intrafusion",
                    help="intrafusion: merge removed channels into kept ones (default); prune: drop them")
-    p.add_argument("--importance", choices=(*IMPORTANCES, "activation"), default="l1",
-                   help="channel importance that picks the kept channels (default l1); activation = mean "
-                   "|activation| on the calibration data (needs --calibration)")
+    p.add_argument("--importance", choices=(*IMPORTANCES, *DATA_IMPORTANCES), default="l1",
+                   help="channel importance that picks the kept channels (default l1); these need "
+                   "--calibration: activation = mean |activation|, taylor = |activation x gradient| of the "
+                   "distillation loss, prospr = meta-gradient through a few SGD steps (ProsPr); taylor and "
+                   "prospr need the torch extra")
     p.add_argument("--ot-reg", type=float, default=0.0,
                    help="entropic regularisation for Sinkhorn, relative to the largest cost; 0 = exact OT (default)")
     p.add_argument("--ot-p", type=float, default=1.0, help="Minkowski p of the transport ground cost (default 1)")
@@ -77,10 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="unlabelled inputs: keys = model input names (any one key for a single-input "
                       "model), first axis = samples; a few hundred are enough")
     data.add_argument("--calibration-samples", type=int, metavar="N", help="use at most N calibration samples")
-    data.add_argument("--recover", choices=("none", "bias", "lstsq", "ewr"), default=None,
+    data.add_argument("--recover", choices=("none", "bias", "lstsq", "ewr", "distill"), default=None,
                       help="re-fit each pruned layer on the calibration data, input to output: bias = mean "
                       "shift, lstsq = ridge least squares (default with --calibration), ewr = entropic "
-                      "Wasserstein regression (SWAP); none without --calibration")
+                      "Wasserstein regression (SWAP); distill = lstsq, then fine-tune all weights to match "
+                      "the original model's outputs (torch extra); none without --calibration")
+    data.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
+                      help="with --recover distill: epochs over the calibration data (default 10)")
+    data.add_argument("--finetune-time", type=float, default=None, metavar="SECONDS",
+                      help="with --recover distill: stop after this many seconds (the best epoch so far is kept)")
     data.add_argument("--recover-alpha", type=float, default=1e-3,
                       help="ridge strength towards the fused weights, relative to the input energy (default 1e-3)")
     data.add_argument("--ewr-eps", type=float, default=0.05,
@@ -192,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     # Progress goes to a terminal only: pipes and logs get the report alone.
-    show_progress = not args.quiet and sys.stderr.isatty()
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show_progress else None
+    # Distillation epochs are also logged one line each when stderr is not a terminal.
+    tty = sys.stderr.isatty()
+
+    def say(msg: str) -> None:
+        if tty or msg.startswith("  distill"):
+            print(msg, file=sys.stderr, flush=True)
     from .model_io import save_model
     from .pipeline import prune
 
@@ -213,12 +224,14 @@ def _run(args: argparse.Namespace) -> int:
         max_group_sparsity=args.max_group_sparsity,
         validate=not args.no_validate,
         provider=args.provider,
-        progress=say,
+        progress=None if args.quiet else say,
         calibration=args.calibration,
         calibration_samples=args.calibration_samples,
         recover=args.recover,
         recover_alpha=args.recover_alpha,
         ewr_eps=args.ewr_eps,
+        finetune_epochs=args.finetune_epochs,
+        finetune_time=args.finetune_time,
     )
     written = save_model(result.model, args.output)
     if args.report:

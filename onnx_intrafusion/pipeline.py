@@ -23,6 +23,8 @@ from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
 from .report import GroupRow, Report, model_stats
 
 Progress = Callable[[str], None]
+#: Distillation epochs when --finetune-epochs is not given (finetune.DEFAULT_EPOCHS; torch-free here).
+DEFAULT_FINETUNE_EPOCHS = 10
 
 
 @dataclass
@@ -106,7 +108,8 @@ def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
     if given is not None and group.id in given:
         return given[group.id]
     rng = np.random.default_rng([seed, group.id])
-    return importance_mod.group_scores(scored, "l1" if importance == "activation" else importance, rng)
+    fallback = "l1" if importance in importance_mod.DATA_IMPORTANCES else importance
+    return importance_mod.group_scores(scored, fallback, rng)
 
 
 def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
@@ -157,6 +160,39 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     return maps
 
 
+def _gradients():
+    """The torch-based stages, or a one-line error telling how to get them."""
+    try:
+        from . import finetune
+    except ImportError as exc:
+        if "torch" not in str(exc):
+            raise
+        raise UsageError("--recover distill and --importance taylor/prospr need torch: "
+                         "pip install onnx-intrafusion[torch]") from None
+    return finetune
+
+
+def _distill(graph, original: onnx.ModelProto, calib: dict[str, np.ndarray], seed: int, epochs: int,
+             time_budget: float | None, progress: Progress | None) -> dict:
+    """Fine-tune the pruned graph's weights in place towards the original's outputs; returns the record."""
+    from . import calibration as calibration_mod
+    from .differentiable import assign
+
+    fit, held = calibration_mod.split_holdback(calib, seed=seed)
+
+    def epoch_line(epoch: int, total: int, loss: float, held_back: float) -> None:
+        if progress:
+            done = int(20 * epoch / max(total, 1))
+            progress(f"  distill [{'#' * done}{'.' * (20 - done)}] epoch {epoch}/{total}  loss {loss:.4g}  "
+                     f"held-back distortion {held_back:.4g}")
+
+    weights, record = _gradients().distill(graph, original, fit, held, epochs=epochs, time_budget=time_budget,
+                                           seed=seed, progress=epoch_line)
+    assign(graph, weights)
+    record["weights_changed"] = len(weights)
+    return record
+
+
 def _warn_custom_ops(graph, analysis: Analysis) -> None:
     """Custom-domain ops that touch channels leave their groups unpruned: say so (not an error)."""
     custom = {f"{n.name} ({n.op})" for n in graph.nodes if n.domain not in ("", "ai.onnx", None)}
@@ -192,6 +228,8 @@ def prune(
     recover: str | None = None,
     recover_alpha: float = 1e-3,
     ewr_eps: float = 0.05,
+    finetune_epochs: int | None = None,
+    finetune_time: float | None = None,
 ) -> PruneResult:
     """Prune every prunable channel group of ``model`` by ``sparsity``.
 
@@ -209,13 +247,31 @@ def prune(
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
     channels (see :mod:`onnx_intrafusion.allocation`).
+
+    Gradient options (the ``torch`` extra): ``recover="distill"`` runs
+    lstsq and then fine-tunes the pruned weights towards the original
+    model's outputs for ``finetune_epochs`` epochs (at most
+    ``finetune_time`` seconds), keeping the weights with the lowest
+    distortion on held-back calibration samples; ``importance="taylor"`` or
+    ``"prospr"`` scores channels from gradients (see
+    :mod:`onnx_intrafusion.finetune`).
     """
     from . import calibration as calibration_mod
 
-    check_options(sparsity, method, "l1" if importance == "activation" else importance, ot_reg, ot_p, marginals,
-                  round_to, allocation, global_target, max_group_sparsity)
+    check_options(sparsity, method, "l1" if importance in importance_mod.DATA_IMPORTANCES else importance, ot_reg,
+                  ot_p, marginals, round_to, allocation, global_target, max_group_sparsity)
     calib, recover = calibration_mod.resolve_options(calibration, calibration_samples, recover, importance,
                                                      recover_alpha, ewr_eps)
+    if (finetune_epochs is not None or finetune_time is not None) and recover != "distill":
+        raise UsageError("--finetune-epochs and --finetune-time need --recover distill")
+    if finetune_epochs is None:
+        finetune_epochs = DEFAULT_FINETUNE_EPOCHS
+    if not isinstance(finetune_epochs, (int, np.integer)) or isinstance(finetune_epochs, bool) or finetune_epochs < 0:
+        raise UsageError(f"finetune-epochs must be an integer >= 0, got {finetune_epochs}")
+    if finetune_time is not None and not (isinstance(finetune_time, (int, float)) and finetune_time > 0):
+        raise UsageError(f"finetune-time must be > 0 seconds, got {finetune_time}")
+    if recover == "distill" or importance in importance_mod.GRADIENT_IMPORTANCES:
+        _gradients()  # torch missing: say so before any work
     if validate:
         from .validate import check_provider
 
@@ -228,11 +284,15 @@ def prune(
         options.update(global_target=global_target, max_group_sparsity=max_group_sparsity)
     if calib is not None:
         options.update(recover=recover, calibration_samples=calibration_mod.sample_count(calib))
+    if recover == "distill":
+        options.update(finetune_epochs=finetune_epochs, finetune_time=finetune_time)
 
     with timer.stage("load"):
         loaded = model_io.load_model(model)
         original = loaded.model
-        feeds = None if calib is None else calibration_mod.batches(calibration_mod.match(calib, original), original)
+        if calib is not None:
+            calib = calibration_mod.match(calib, original)
+        feeds = None if calib is None else calibration_mod.batches(calib, original)
         graph = model_io.to_graph(original)
     with timer.stage("groups"):
         analysis = coupling.analyse(graph)
@@ -251,6 +311,10 @@ def prune(
         with timer.stage("activations"):
             ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
             given_scores = activation_scores(original, graph, analysis, feeds, ids)
+    elif importance in importance_mod.GRADIENT_IMPORTANCES:
+        with timer.stage(importance):
+            ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+            given_scores = _gradients().IMPORTANCES[importance](graph, original, analysis, calib, ids, seed=seed)
     with timer.stage("plan"):
         keeps = None
         if allocation == "global":
@@ -274,15 +338,20 @@ def prune(
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
     layers = []
+    distilled = None
     if recover != "none":
         from .activations import recover as recover_layers
 
         with timer.stage("recover"):
-            layers = recover_layers(graph, original, analysis, maps, feeds, recover, alpha=recover_alpha,
+            start = "lstsq" if recover == "distill" else recover  # distillation starts from lstsq
+            layers = recover_layers(graph, original, analysis, maps, feeds, start, alpha=recover_alpha,
                                     eps=ewr_eps, seed=seed, progress=progress)
-            pruned = model_io.to_model(graph, original)
-            if pruned.ByteSize() < 2**31 - 1:
-                onnx.checker.check_model(pruned, full_check=True)
+        if recover == "distill":
+            with timer.stage("distill"):
+                distilled = _distill(graph, original, calib, seed, finetune_epochs, finetune_time, progress)
+        pruned = model_io.to_model(graph, original)
+        if pruned.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(pruned, full_check=True)
 
     report = Report(options=options)
     for g in analysis.groups:
@@ -295,6 +364,7 @@ def prune(
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
     if layers:
         report.attach_recovery(layers, analysis)
+    report.distill = distilled
     with timer.stage("stats"):
         report.params_before, report.macs_before = model_stats(original)
         report.params_after, report.macs_after = model_stats(pruned)

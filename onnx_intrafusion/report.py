@@ -121,6 +121,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     validation: dict | None = None
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
+    distill: dict | None = None  # held-back distortion before/after distillation, epochs, seconds, device
 
     def attach_recovery(self, layers, analysis) -> None:
         """Record per-layer recovery rows and, per group, its consumers' worst errors."""
@@ -141,6 +142,7 @@ class Report:
             "timings_s": self.timings,
             "validation": self.validation,
             **({"recovery": self.recovery} if self.recovery else {}),
+            **({"distill": self.distill} if self.distill else {}),
         }
 
     def to_json(self) -> str:
@@ -182,6 +184,11 @@ class Report:
             lines.append(f"recovery {o.get('recover')} on {o.get('calibration_samples')} calibration samples: "
                          f"{len(self.recovery)} layers re-solved, worst relative output error "
                          f"{before:.3f} -> {after:.3f}")
+        if self.distill:
+            d = self.distill
+            lines.append(f"distillation: held-back {d['measure']} {d['held_back_before']:.4g} -> "
+                         f"{d['held_back_after']:.4g} (best of {d['epochs']} epochs: epoch {d['best_epoch']}, "
+                         f"{d['seconds']:.1f}s on {d['device']})")
         if self.validation:
             lines.append("")
             lines.append(f"validation on {self.validation['provider']} ({self.validation['samples']} random samples):")
