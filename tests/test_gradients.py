@@ -252,3 +252,35 @@ def test_gradient_importance_ranks_a_channel_with_zero_consumer_weights_last(kin
             assert scores[dead] < 1e-6 * others.min()
         # ProsPr: the channel still matters through the SGD steps (its consumer weights get
         # gradients and grow), by an amount of the order of the inner learning rate.
+
+
+# ------------------------------------------------------------------------------------ through prune()
+def test_prune_with_distill_records_held_back_distortion_and_never_worsens_it():
+    from onnx_intrafusion import prune
+
+    model = tiny_cnn(seed=2)
+    result = prune(model, sparsity=0.5, calibration=_inputs(80), recover="distill", finetune_epochs=3)
+    d = result.report.to_dict()["distill"]
+    assert d["held_back_after"] <= d["held_back_before"] and d["epochs"] == 3
+    assert result.report.options["recover"] == "distill" and "distill" in result.report.timings
+    assert "held-back" in result.report.to_text()
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_prune_with_taylor_importance_drops_the_channel_nothing_reads():
+    from onnx_intrafusion import prune
+
+    result = prune(tiny_cnn(seed=1, dead=3), sparsity=0.25, method="prune", importance="taylor",
+                   calibration=_inputs(32), recover="none")
+    row = next(g for g in result.report.groups if "conv1" in g.producers)
+    assert row.kept == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kwargs", [dict(finetune_epochs=3), dict(finetune_time=5.0, recover="lstsq"),
+                                    dict(recover="distill", finetune_epochs=-1),
+                                    dict(recover="distill", finetune_time=0)])
+def test_finetune_options_are_checked(kwargs):
+    from onnx_intrafusion import prune
+
+    with pytest.raises(UsageError):
+        prune(tiny_cnn(), sparsity=0.5, calibration=_inputs(16), **kwargs)
