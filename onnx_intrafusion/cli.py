@@ -205,6 +205,7 @@ def _run(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         if tty or msg.startswith("  distill"):
             print(msg, file=sys.stderr, flush=True)
+
     from .model_io import save_model
     from .pipeline import prune
 

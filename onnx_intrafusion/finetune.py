@@ -42,7 +42,7 @@ DEFAULT_TEMPERATURE = 4.0
 DEFAULT_LR = 3e-4
 DEFAULT_BATCH = 64
 PROSPR_STEPS = 3
-PROSPR_LR = 1e-2
+PROSPR_LR = 1e-3
 #: Samples of the fit split used by the importances (enough for a stable ranking, bounded cost).
 IMPORTANCE_SAMPLES = 2048
 
@@ -96,15 +96,19 @@ def _to(arrays: dict[str, np.ndarray], idx, dev) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v[idx])).to(dev) for k, v in arrays.items()}
 
 
+def _float_outputs(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]):
+    """(name, student, teacher, class scores?) per float output (class scores as :func:`distortion.is_class_scores`)."""
+    for name, t in teacher.items():
+        if t.is_floating_point():
+            yield name, student[name], t, t.dim() == 2 and t.shape[1] >= 2
+
+
 def distill_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
                  temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
     """KL(teacher || student) at ``temperature`` (times T^2) for class scores, relative MSE otherwise."""
     total = 0.0
-    for name, t in teacher.items():
-        s = student[name]
-        if not t.is_floating_point():
-            continue
-        if t.dim() == 2 and t.shape[1] >= 2:
+    for _, s, t, classes in _float_outputs(student, teacher):
+        if classes:
             lp_t = torch.log_softmax(t / temperature, dim=1)
             lp_s = torch.log_softmax(s / temperature, dim=1)
             total = total + (lp_t.exp() * (lp_t - lp_s)).sum(dim=1).mean() * temperature ** 2
@@ -229,8 +233,7 @@ def _group_scores(per_tensor: dict[str, np.ndarray], sites, analysis: Analysis) 
     return scores
 
 
-def importance_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor],
-                    directions: dict[str, torch.Tensor]) -> torch.Tensor:
+def importance_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
     """The label-free "data loss" whose gradients rank channels.
 
     The distillation loss is exactly 0, with a zero gradient, while the
@@ -238,19 +241,19 @@ def importance_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.T
     substitute for the labelled task loss of the Taylor and ProsPr papers:
     class scores use cross-entropy against the teacher's predicted class (a
     pseudo-label; soft labels at any common temperature would again give a
-    zero gradient at the start), other outputs the projection of the output
-    on a fixed random direction per output, whose gradient magnitude
-    estimates how far removing a channel moves the output (first order).
+    zero gradient at the start), other outputs (embeddings, feature maps)
+    half their energy relative to the teacher's, ``||f||^2 / (2 ||t||^2)``,
+    whose first-order change when a channel is removed is the part of the
+    output that channel carries.  (A random projection of the output was
+    tried first: it is linear, so ProsPr's SGD steps move every channel's
+    consumer weights a lot and a channel nothing reads no longer ranks last.)
     """
     total = 0.0
-    for name, t in teacher.items():
-        s = student[name]
-        if not t.is_floating_point():
-            continue
-        if t.dim() == 2 and t.shape[1] >= 2:
+    for _, s, t, classes in _float_outputs(student, teacher):
+        if classes:
             total = total + torch.nn.functional.cross_entropy(s, t.argmax(dim=1))
         else:
-            total = total + (s * directions[name]).sum() / s.shape[0]
+            total = total + 0.5 * (s ** 2).mean() / (t ** 2).mean().clamp_min(1e-12)
     return total
 
 
@@ -264,10 +267,7 @@ def _importance_setup(graph, original, analysis, fit, group_ids, seed):
     for p in module.params.values():
         p.requires_grad_(False)
     teacher = teacher_outputs(original, fit)
-    gen = torch.Generator().manual_seed(seed)
-    directions = {k: torch.randn(v.shape[1:], generator=gen, dtype=torch.float64).to(dev, torch.float32)
-                  for k, v in teacher.items()}
-    return dev, sites, fit, fixed_size, module, teacher, directions
+    return dev, sites, fit, fixed_size, module, teacher
 
 
 def _mask_shape(value: torch.Tensor, axis: int, per_sample: bool) -> list[int]:
@@ -286,7 +286,7 @@ def taylor_scores(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis
     removed.  ``graph`` is the unpruned model (``model_io.to_graph``).
     """
     with _deterministic(seed):
-        dev, sites, fit, fixed_size, module, teacher, directions = _importance_setup(
+        dev, sites, fit, fixed_size, module, teacher = _importance_setup(
             graph, original, analysis, fit, group_ids, seed)
         axes = {t: a for entries in sites.values() for t, a, *_ in entries}
         sums: dict[str, torch.Tensor] = {}
@@ -304,7 +304,7 @@ def taylor_scores(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis
                 return apply
 
             out = module(_to(fit, idx, dev), hooks={t: hook(t) for t in axes})
-            loss = importance_loss(out, _to(teacher, idx, dev), directions) * len(idx)
+            loss = importance_loss(out, _to(teacher, idx, dev)) * len(idx)
             names = list(masks)
             grads = torch.autograd.grad(loss, [masks[t] for t in names], allow_unused=True)
             for t, g in zip(names, grads):
@@ -334,7 +334,7 @@ def prospr_scores(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis
     meta-gradients of the rounds are summed before the absolute value.
     """
     with _deterministic(seed):
-        dev, sites, fit, fixed_size, module, teacher, directions = _importance_setup(
+        dev, sites, fit, fixed_size, module, teacher = _importance_setup(
             graph, original, analysis, fit, group_ids, seed)
         axes = {t: a for entries in sites.values() for t, a, *_ in entries}
         size = fixed_size or batch_size
@@ -361,12 +361,12 @@ def prospr_scores(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis
             weights = {k: v.clone().requires_grad_(True) for k, v in base.items()}
             for idx in chunk[:-1]:
                 loss = importance_loss(module(_to(fit, idx, dev), hooks=hooks, params=weights),
-                                       _to(teacher, idx, dev), directions)
+                                       _to(teacher, idx, dev))
                 grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True, allow_unused=True)
                 weights = {k: (w - lr * g if g is not None else w) for (k, w), g in zip(weights.items(), grads)}
             idx = chunk[-1]
             loss = importance_loss(module(_to(fit, idx, dev), hooks=hooks, params=weights),
-                                   _to(teacher, idx, dev), directions)
+                                   _to(teacher, idx, dev))
             names = list(masks)
             grads = torch.autograd.grad(loss, [masks[t] for t in names], allow_unused=True)
             for t, g in zip(names, grads):

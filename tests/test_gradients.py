@@ -44,10 +44,11 @@ def _parity(model: onnx.ModelProto, feeds: dict[str, np.ndarray], graph=None) ->
 
 
 # ------------------------------------------------------------------------------------ tiny models
-def tiny_cnn(seed: int = 0, dead: int | None = None) -> onnx.ModelProto:
+def tiny_cnn(seed: int = 0, dead: int | None = None, head: bool = True) -> onnx.ModelProto:
     """x[N,2,6,6] -> Conv(2->4) -> Relu -> Conv(4->3) -> Relu -> GAP -> Flatten -> Gemm(3->5).
 
     ``dead``: the second conv's weights reading that channel of the first are all zero.
+    ``head=False``: the output is the second Relu's feature map (not class scores).
     """
     rng = np.random.default_rng(seed)
     w1 = rng.normal(0, 0.5, (4, 2, 3, 3)).astype(np.float32)
@@ -70,8 +71,13 @@ def tiny_cnn(seed: int = 0, dead: int | None = None) -> onnx.ModelProto:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], name="fc", transB=1),
     ]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    if not head:
+        nodes = nodes[:3] + [helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
+        inits = inits[:4]
+        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 6, 6])
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+                              [output], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -145,9 +151,9 @@ def test_unsupported_op_is_one_line_naming_op_and_node():
 
 
 # ------------------------------------------------------------------------------------ distillation
-def _student_and_data(n: int = 120, noise: float = 0.3):
+def _student_and_data(n: int = 120, noise: float = 0.3, head: bool = True):
     """Teacher = tiny CNN; student = the same graph with noisy weights (so there is something to recover)."""
-    teacher = tiny_cnn(seed=0)
+    teacher = tiny_cnn(seed=0, head=head)
     student = onnx.ModelProto()
     student.CopyFrom(teacher)
     rng = np.random.default_rng(7)
@@ -174,11 +180,12 @@ def test_zero_steps_give_byte_identical_initializers():
     assert after == before
 
 
-def test_distillation_lowers_held_back_distortion_and_written_model_matches_torch():
+@pytest.mark.parametrize("head", [True, False], ids=["class-scores", "feature-map"])
+def test_distillation_lowers_held_back_distortion_and_written_model_matches_torch(head):
     from onnx_intrafusion.differentiable import GraphModule, assign
     from onnx_intrafusion.finetune import distill
 
-    teacher, student, fit, held = _student_and_data()
+    teacher, student, fit, held = _student_and_data(head=head)
     graph = model_io.to_graph(student)
     epochs = []
     weights, record = distill(graph, teacher, fit, held, epochs=30, lr=1e-2, batch_size=16,
@@ -233,12 +240,13 @@ def test_time_budget_is_honoured():
 
 
 # ------------------------------------------------------------------------------------ importances
+@pytest.mark.parametrize("head", [True, False], ids=["class-scores", "feature-map"])
 @pytest.mark.parametrize("kind", ["taylor", "prospr"])
-def test_gradient_importance_ranks_a_channel_with_zero_consumer_weights_last(kind):
+def test_gradient_importance_ranks_a_channel_with_zero_consumer_weights_last(kind, head):
     from onnx_intrafusion.finetune import IMPORTANCES
 
     for dead in (0, 2):
-        model = tiny_cnn(seed=1, dead=dead)
+        model = tiny_cnn(seed=1, dead=dead, head=head)
         graph = model_io.to_graph(model)
         analysis = coupling.analyse(graph)
         group = next(g for g in analysis.groups if g.origin == "conv1")
