@@ -33,10 +33,6 @@ METRICS: dict[str, Metric] = {"l1": _l1, "l2": _l2, "linf": _linf}
 
 #: Every name accepted by :func:`group_scores`.
 IMPORTANCES = (*METRICS, "random")
-#: Importances measured on calibration data (computed by the pipeline and passed in as given scores):
-#: mean |activation| (onnxruntime), first-order Taylor and ProsPr (gradients, the torch extra).
-DATA_IMPORTANCES = ("activation", "taylor", "prospr")
-GRADIENT_IMPORTANCES = ("taylor", "prospr")
 
 
 def group_scores(rows: Sequence[np.ndarray], importance: str, rng: np.random.Generator | None = None) -> np.ndarray:
