@@ -21,7 +21,6 @@ asks for it.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from typing import Callable
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, SAMPLES, run
+from conftest import SAMPLES, run
 
 torch = pytest.importorskip("torch")
 
