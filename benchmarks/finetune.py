@@ -49,7 +49,7 @@ OUT = ROOT / "docs" / "results" / "finetune.json"
 
 def key(row: dict) -> tuple:
     return (row["model"], row["exporter"], row["sparsity"], row["calibration"], row["importance"], row["recover"],
-            row.get("epochs"))
+            row.get("epochs"), row.get("group"))
 
 
 def one_row(spec: dict) -> dict:
@@ -68,6 +68,8 @@ def one_row(spec: dict) -> dict:
         kwargs["recover"] = spec["recover"]
     if spec["recover"] == "distill":
         kwargs["finetune_epochs"] = spec["epochs"]
+    if spec.get("group") is not None:
+        kwargs["groups"] = [spec["group"]]
     start = time.perf_counter()
     result = prune(path, **kwargs)
     seconds = time.perf_counter() - start
@@ -89,8 +91,26 @@ def baseline(name: str, exporter: str) -> float:
     return Evaluator(x_test, y_test)(onnx.load(str(ROOT / "samples" / "fashion" / f"{name}_{exporter}.onnx")))
 
 
+def last_groups(name: str, exporter: str, count: int = 3) -> list[int]:
+    """The prunable groups nearest the output (the paper's one-group protocol, as benchmarks/accuracy.py)."""
+    from onnx_intrafusion import prune
+
+    probe = prune(ROOT / "samples" / "fashion" / f"{name}_{exporter}.onnx", sparsity=0.5, validate=False).report
+    return [g.id for g in probe.groups if g.status == "pruned"][-count:][::-1]
+
+
 def grid(args) -> list[dict]:
     specs = []
+    if args.one_group:
+        for name in args.models:
+            for gid in last_groups(name, args.exporter):
+                for sparsity in args.sparsities:
+                    for importance in args.importances:
+                        specs.append(dict(model=name, exporter=args.exporter, sparsity=sparsity,
+                                          calibration=0 if importance in ("l1", "l2", "linf") else args.sizes[0],
+                                          importance=importance, recover="none", epochs=None, seed=args.seed,
+                                          group=gid))
+        return specs
     for name in args.models:
         for sparsity in args.sparsities:
             for size in args.sizes:
@@ -140,7 +160,7 @@ def run(args) -> dict:
 
 
 def print_table(result: dict) -> None:
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r.get("group") is None]
     for tag, base in result["baselines"].items():
         mine = [r for r in rows if f"{r['model']}_{r['exporter']}" == tag]
         if not mine:
@@ -164,6 +184,20 @@ def print_table(result: dict) -> None:
                       f"peak RSS {max(r['peak_mb'] for r in sel):.0f}MB")
 
 
+def print_one_group(result: dict) -> None:
+    rows = [r for r in result["rows"] if r.get("group") is not None]
+    if not rows:
+        return
+    imps = [i for i in IMPORTANCES if any(r["importance"] == i for r in rows)]
+    print("\none group at a time, no recovery (Intra-Fusion): test accuracy")
+    print(f"{'model':<20} {'group':>5} {'sparsity':>8} " + " ".join(f"{i:>10}" for i in imps))
+    where = lambda r: (r["model"], r["exporter"], r["group"], r["sparsity"])  # noqa: E731
+    for k in dict.fromkeys(where(r) for r in rows):
+        hit = {r["importance"]: r["accuracy"] for r in rows if where(r) == k}
+        print(f"{k[0] + '_' + k[1]:<20} {k[2]:>5} {k[3]:>8.1f} "
+              + " ".join(f"{hit[i]:>10.4f}" if i in hit else f"{'-':>10}" for i in imps))
+
+
 def plot(result: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -172,7 +206,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if r.get("group") is None]
     tags = [t for t in result["baselines"] if any(f"{r['model']}_{r['exporter']}" == t for r in rows)]
     fig, axes = plt.subplots(1, len(tags), figsize=(5 * len(tags), 4), squeeze=False)
     styles = {"none": ":", "lstsq": "--", "distill": "-"}
@@ -204,6 +238,9 @@ def main(argv=None) -> int:
     p.add_argument("--importances", default=",".join(IMPORTANCES))
     p.add_argument("--recoveries", default=",".join(RECOVERIES))
     p.add_argument("--epochs", type=int, default=10, help="distillation epochs (default 10)")
+    p.add_argument("--one-group", action="store_true",
+                   help="the paper's protocol instead: one group at a time (the three nearest the output), "
+                   "no recovery; compares which channels each importance keeps (first --sizes value)")
     p.add_argument("--quick", action="store_true",
                    help="vgg11bn at 0.5 and 0.7 with 1024 images: l1/prospr x lstsq/distill (+ data-free l1)")
     p.add_argument("--seed", type=int, default=0)
@@ -224,6 +261,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     result = run(args)
     print_table(result)
+    print_one_group(result)
     plot(result, Path(args.out).with_suffix(".png"))
     print(f"\nwall time {time.perf_counter() - start:.0f}s; results in {args.out}")
     return 0
