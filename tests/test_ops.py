@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_intrafusion import coupling, model_io, prune
 from onnx_intrafusion.coupling import CONSUMER
 
-from conftest import assert_valid, feeds_for, run
+from conftest import assert_plans_keeping_every_channel_are_exact, assert_valid, feeds_for, run
 
 RNG = np.random.default_rng(0)
 
@@ -60,7 +60,7 @@ def zeroed_reference(original: onnx.ModelProto, result) -> onnx.ModelProto:
 
 
 def check(model, pruned_groups: int, sparsity=0.5, atol=1e-4):
-    """Both methods valid, plain pruning equal to the zeroed oracle, sparsity 0 exact."""
+    """Both methods valid, plain pruning equal to the zeroed oracle, plans keeping every channel exact."""
     feeds = feeds_for(model, seed=5)
     ref = run(model, feeds)
     reports = {}
@@ -70,9 +70,7 @@ def check(model, pruned_groups: int, sparsity=0.5, atol=1e-4):
         assert len(res.report.pruned_groups) == pruned_groups, res.report.to_text()
         assert res.report.params_after < res.report.params_before
         reports[method] = res
-        zero = prune(model, sparsity=0.0, method=method)
-        for k, v in run(zero.model, feeds).items():
-            np.testing.assert_allclose(v, ref[k], atol=1e-5, rtol=0)
+    assert_plans_keeping_every_channel_are_exact(model)
     res = reports["prune"]
     oracle = run(zeroed_reference(model, res), feeds)
     for k, v in run(res.model, feeds).items():
