@@ -271,3 +271,18 @@ def test_weights_in_constant_nodes_are_pruned():
     model.graph.node.extend(nodes)
     onnx.checker.check_model(model)
     check(model, pruned_groups=2)
+
+
+def test_bias_built_by_castlike_is_a_weight():
+    """The dynamo exporter without its optimiser writes a bias-free Conv's zero bias as
+    Expand(CastLike(0, x), [C]): folded, it is a weight and the Conv's channels are pruned."""
+    inits = {"zero": np.array(0.0, np.float32), "bias_shape": np.array([8], np.int64)}
+    nodes = [helper.make_node("Constant", [], ["zero_c"], value=numpy_helper.from_array(inits.pop("zero"))),
+             helper.make_node("CastLike", ["zero_c", "m_in"], ["zero_like"]),
+             helper.make_node("Expand", ["zero_like", "bias_shape"], ["b_mid"]),
+             conv("mid", "m_in", 8, 8, bias=False, inits=inits),
+             helper.make_node("Relu", ["mid"], ["m_out"])]
+    nodes[3].input.append("b_mid")
+    model = cnn_with(nodes, extra_inits=inits, opset=17)
+    reports = check(model, pruned_groups=3)
+    assert not reports["prune"].report.blocked_groups
