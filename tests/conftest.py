@@ -189,25 +189,26 @@ def zeroed_original(original: onnx.ModelProto, pruned: onnx.ModelProto) -> tuple
     reference = onnx.ModelProto()
     reference.CopyFrom(original)
     old_w, new_w = _weights(reference), _weights(pruned)
-    new_nodes = {n.name: n for n in pruned.graph.node}
+    new_nodes = {n.output[0]: n for n in pruned.graph.node if n.output}  # names may be given on the way
     kept_rows, zeroed_by = {}, {}
     for node in reference.graph.node:
         axes = _weight_axes(node)
         if axes is None or len(node.input) < 2 or node.input[1] not in old_w:
             continue
-        assert node.name in new_nodes, f"layer {node.name} is missing from the pruned model"
+        new_node = new_nodes.get(node.output[0])
+        assert new_node is not None and new_node.op_type == node.op_type, f"layer {node.name} is missing"
         old = onnx.numpy_helper.to_array(old_w[node.input[1]])
-        new = onnx.numpy_helper.to_array(new_w[new_nodes[node.name].input[1]])
+        new = onnx.numpy_helper.to_array(new_w[new_node.input[1]])
         rows, cols = selection_of(old, new, *axes)
-        kept_rows[node.name] = (rows, old.shape[axes[0]])
+        kept_rows[new_node.name] = (rows, old.shape[axes[0]])
         dropped = sorted(set(range(old.shape[axes[1]])) - set(cols))
         if not dropped:
             continue
         zeroed = old.copy()
         np.moveaxis(zeroed, axes[1], 0)[dropped] = 0
         name = node.input[1]
-        if zeroed_by.setdefault(name, node.name) != node.name:  # a weight shared by layers: a copy each
-            name = f"{name}__{node.name}"
+        if zeroed_by.setdefault(name, node.output[0]) != node.output[0]:  # a weight shared by layers: a copy each
+            name = f"{name}__{node.output[0]}"
             reference.graph.initializer.append(onnx.numpy_helper.from_array(zeroed, name))
             node.input[1] = name
         else:
