@@ -200,7 +200,7 @@ class SplitConcatGrouped(nn.Module):
     @staticmethod
     def duplicate(big: "SplitConcatGrouped", small: "SplitConcatGrouped") -> None:
         a, b = small.parts
-        c, o = small.conv_a.out_channels, small.grouped.out_channels
+        o = small.grouped.out_channels
         with torch.no_grad():
             big.conv1.weight.copy_(_dup(small.conv1.weight, 0, [a, b]))  # each Split part keeps its twins
             big.conv1.bias.copy_(_dup(small.conv1.bias, 0, [a, b]))

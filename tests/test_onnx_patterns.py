@@ -16,9 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_graphsurgeon as gs
 
 from onnx_intrafusion import coupling, prune
-from onnx_intrafusion.errors import NothingToPrune
 
-from conftest import assert_plans_keeping_every_channel_are_exact, assert_valid, feeds_for, run
+from conftest import assert_plans_keeping_every_channel_are_exact, assert_valid
 
 RNG = np.random.default_rng(0)
 

@@ -7,7 +7,6 @@ pattern is about is really pruned (or blocked with the expected reason).
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from onnx_intrafusion import coupling, prune
 
-from conftest import assert_plans_keeping_every_channel_are_exact, assert_valid, feeds_for, run
+from conftest import assert_plans_keeping_every_channel_are_exact, assert_valid
 
 EXPORTERS = ["legacy", "dynamo"]
 

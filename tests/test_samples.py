@@ -11,8 +11,7 @@ from onnx_intrafusion.report import count_macs
 
 from onnx_intrafusion.model_io import params_count
 
-from conftest import (SAMPLE_FILES, SAMPLES, assert_same_outputs, assert_valid, rewrite_all_groups, run,
-                      sample)
+from conftest import (SAMPLE_FILES, SAMPLES, assert_same_outputs, assert_valid, rewrite_all_groups, sample)
 
 
 #: Every bundled model: the random-weight samples and the trained ones.
