@@ -234,6 +234,7 @@ def main(argv=None) -> int:
     args.modes = args.modes.split(",")
     if args.quick:
         args.sparsities, args.sizes, args.modes = [0.5], [512], ["lstsq", "ewr"]
+        args.tag = args.tag or "_quick"  # a quick run never overwrites the full results
     start = time.perf_counter()
     result = run(args)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
