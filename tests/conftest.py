@@ -87,7 +87,6 @@ def rewrite_all_groups(model: onnx.ModelProto, method: str, order: str = "identi
     and parameters of a group are all permuted alike.
     """
     from onnx_intrafusion import coupling, model_io, plans, rewrite
-    from onnx_intrafusion.pipeline import _group_rows
 
     graph = model_io.to_graph(model)
     analysis = coupling.analyse(graph)
@@ -102,7 +101,8 @@ def rewrite_all_groups(model: onnx.ModelProto, method: str, order: str = "identi
         elif method == "prune":
             maps[group.id] = plans.selection(group.size, kept)
         else:
-            features = plans.normalised_features(_group_rows(group, values)[1])
+            features = plans.normalised_features(
+                [coupling.channel_rows(values[m.constant], m, group.size) for m in group.members])
             maps[group.id] = plans.fusion(features, kept)
     assert maps, "no prunable group: the rewrite would not be exercised"
     rewrite.apply_maps(graph, analysis, maps)
