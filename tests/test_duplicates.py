@@ -1,9 +1,12 @@
 """The math the public reference cannot pass: merging exact duplicates is lossless.
 
-Every prunable channel of this model has an exact twin (same producer filter,
+Every prunable channel of these models has an exact twin (same producer filter,
 same bias); consumers split their weight between the twins 9:1 so the heavier
 copy is clearly the more important one (3:1 is not enough with group-mean
-normalised l1: the spread of scores across pairs exceeds the gap).  Pruning 50% with Intra-Fusion must
+normalised l1: the spread of scores across pairs exceeds the gap).  Models: a
+residual stream with Flatten -> Gemm; unfolded BatchNorm, a depthwise conv and a
+squeeze-excitation gate; Split, Concat and a grouped conv; each from both torch
+exporters.  Pruning 50% with Intra-Fusion must
 fold each light copy into its twin (average of equal producers, sum of the
 consumer weights) and reproduce the outputs; plain pruning loses the light
 copy's 10% share.
@@ -237,6 +240,12 @@ ARCHS = {"bn_depthwise_se": (BnDepthwiseSE, dict(w=8, r=4, w2=8), ("legacy", "dy
          "split_concat_grouped": (SplitConcatGrouped, dict(a=6, b=10, c=8, o=12), ("legacy",))}
 
 
+#: Groups pruned: the main stream (conv1, BN, depthwise, BN, SE expand: one group through the gate),
+#: the SE hidden layer, conv2 / the two Split parts, the two Concat branches (tied by the grouped
+#: conv's groups), the grouped conv's outputs.
+PRUNED_GROUPS = {"bn_depthwise_se": 3, "split_concat_grouped": 4}
+
+
 @pytest.fixture(scope="module", params=[(a, e) for a in ARCHS for e in ("legacy", "dynamo")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def duplicated_arch(request, tmp_path_factory):
@@ -271,5 +280,6 @@ def test_intrafusion_is_exact_on_duplicates_in_bn_depthwise_split_concat_grouped
         rows = result.report.groups
         assert all(g.status in ("pruned", "output") for g in rows), result.report.to_text()
         assert all(g.channels_after * 2 == g.channels_before for g in result.report.pruned_groups)
+        assert len(result.report.pruned_groups) == PRUNED_GROUPS[path.stem.rsplit("_", 1)[0]]
     np.testing.assert_allclose(run(fused.model, feeds)["logits"], ref, atol=1e-4, rtol=0)
     assert np.abs(run(pruned.model, feeds)["logits"] - ref).max() > 1e-2
