@@ -171,6 +171,8 @@ def print_table(result: dict) -> None:
         print(f"{'sparsity':>8} {'images':>6} " + " ".join(f"{(imp + '/' + rec)[:17]:>17}" for imp, rec in cols))
         for sparsity in sorted({r["sparsity"] for r in mine}):
             for size in sorted({r["calibration"] for r in mine if r["calibration"]}):
+                if not any(r["sparsity"] == sparsity and r["calibration"] == size for r in mine):
+                    continue
                 line = f"{sparsity:>8.1f} {size:>6} "
                 for imp, rec in cols:
                     hit = [r for r in mine if r["sparsity"] == sparsity and r["importance"] == imp
@@ -213,7 +215,8 @@ def plot(result: dict, path: Path) -> None:
     colors = {"l1": "black", "activation": "tab:orange", "taylor": "tab:green", "prospr": "tab:blue"}
     for ax, tag in zip(axes[0], tags):
         mine = [r for r in rows if f"{r['model']}_{r['exporter']}" == tag]
-        size = max(r["calibration"] for r in mine)
+        sizes = [r["calibration"] for r in mine if r["calibration"]]
+        size = max(set(sizes), key=sizes.count) if sizes else 0  # the size with the most rows
         for rec, style in styles.items():
             for imp, color in colors.items():
                 pts = sorted((r["sparsity"], r["accuracy"]) for r in mine if r["recover"] == rec
