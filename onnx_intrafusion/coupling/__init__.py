@@ -18,18 +18,20 @@ groups are left exactly as they are.  A wrong model is never written.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import onnx_graphsurgeon as gs
 
 # The op-family modules register their rules in RULES on import.
-from . import concat, elementwise, linear, normalisation, shape  # noqa: F401
-from .rules import RULES, Rule, rule
+from . import attention, concat, elementwise, linear, normalisation, shape  # noqa: F401
+from .attention import FUSED_REASON
+from .rules import DOMAIN_RULES, RULES, Rule, rule
 from .shape import DYNAMIC, SPLIT_REASON
-from .spaces import (CONSUMER, OUTPUT_REASON, PARAM, PRODUCER, Analysis, AxisFix, ChannelAxis, Context, Group,
-                     Member, Segment, channel_rows)
+from .spaces import (CONSUMER, FOLDED_OK, KINDS, OUTPUT_REASON, PARAM, PRODUCER, Analysis, AxisFix, ChannelAxis, Context,
+                     Group, Member, Segment, channel_rows)
 
-__all__ = ["CONSUMER", "DYNAMIC", "OUTPUT_REASON", "PARAM", "PRODUCER", "RULES", "SPLIT_REASON", "Analysis", "AxisFix",
+__all__ = ["CONSUMER", "DOMAIN_RULES", "DYNAMIC", "FUSED_REASON", "KINDS", "OUTPUT_REASON", "PARAM", "PRODUCER", "RULES", "SPLIT_REASON", "Analysis", "AxisFix",
            "ChannelAxis", "Context", "Group", "MAX_PASSES", "Member", "Rule", "Segment", "analyse", "channel_rows",
            "rule"]
 
@@ -56,26 +58,43 @@ def analyse(graph: gs.Graph) -> Analysis:
     differently cut tensors) ask for *cuts*: the producers of the spaces
     involved must create one space per part.  Cuts spread to every space
     united with a cut one, so the analysis is repeated with the cuts found so
-    far until no new cut appears (a fixpoint; cuts only grow).
+    far until no new cut appears (a fixpoint; cuts only grow).  Attention
+    heads work the same way: a Reshape that splits channels into
+    ``[heads, head_dim]`` asks the producers for *units* of head_dim
+    positions, and the next pass creates spaces whose channels are heads.
     """
     cuts: dict[str, frozenset[int]] = {}
+    units: dict[str, int] = {}
     for _ in range(MAX_PASSES):
-        ctx = _analyse_pass(graph, cuts)
+        ctx = _analyse_pass(graph, cuts, units)
         found = ctx.propagated_cuts()
-        if all(found[n] <= cuts.get(n, frozenset()) for n in found):
+        new_units = dict(units)
+        for n, u in ctx.propagated_units().items():
+            new_units[n] = math.lcm(new_units.get(n, 1), u)
+        if all(found[n] <= cuts.get(n, frozenset()) for n in found) and new_units == units:
             break
         cuts = {n: frozenset(cuts.get(n, frozenset()) | found.get(n, set())) for n in set(cuts) | set(found)}
+        units = new_units
     else:
-        for space, _ in ctx.requests:
+        for space, _ in (*ctx.requests, *ctx.unit_requests):
             ctx.block_spaces([space], ctx.origin[space], "channel ranges could not be aligned (too many cuts)")
     return _collect(ctx)
 
 
-def _analyse_pass(graph: gs.Graph, cuts: dict[str, frozenset[int]]) -> Context:
-    ctx = Context(graph, cuts)
+def _rule_for(node: gs.Node):
+    if node.domain in ("", "ai.onnx", None):
+        return RULES.get(node.op)
+    return DOMAIN_RULES.get((node.domain, node.op))
+
+
+def _analyse_pass(graph: gs.Graph, cuts: dict[str, frozenset[int]], units: dict[str, int] | None = None) -> Context:
+    ctx = Context(graph, cuts, units)
     for node in graph.nodes:
-        rule_fn = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
-        if rule_fn is None:
+        rule_fn = _rule_for(node)
+        folded = [t for t in node.inputs if (ctx.axis_of(t) or ChannelAxis(0, ())).outer > 1]
+        if folded and node.op not in FOLDED_OK:
+            handled, reason = [], f"{node.op} reads heads folded into a batch axis"
+        elif rule_fn is None:
             handled: Iterable[int] = []
             reason = (
                 f"op {node.op} from domain '{node.domain}' is not understood"
@@ -136,6 +155,12 @@ def _collect(ctx: Context) -> Analysis:
             members = list(dict.fromkeys(ctx.members[r]))
             groups.append(Group(len(groups), ctx.size[r], members, list(ctx.blocked[r]), ctx.origin[r]))
         space_group[s] = roots[r]
+    kinds: dict[int, set[str]] = {}
+    for s, gid in space_group.items():
+        kinds.setdefault(gid, set()).add("head" if ctx.unit[s] > 1 else ctx.kind[s])
+    for g in groups:
+        found = kinds[g.id]
+        g.kind = next((k for k in ("head", "hidden") if k in found), "ffn" if found == {"ffn"} else "channel")
     for g in groups:
         if not any(m.role == PRODUCER for m in g.members) and not g.blocked:
             g.blocked.append((g.origin, "no producer weight to edit"))

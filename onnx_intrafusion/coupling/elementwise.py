@@ -63,13 +63,13 @@ def _elementwise_constant(ctx: Context, node: gs.Node, ax: ChannelAxis, tensor: 
     pos = ax.axis - (out_rank - len(shape))
     if pos < 0 or shape[pos] == 1:
         return
-    if ctx.const(tensor) is not None and shape[pos] == ctx.total(ax):
+    if ctx.const(tensor) is not None and shape[pos] == ctx.total(ax) and ax.outer == 1:
         ctx.add_members(ax, PARAM, tensor, node, axis=pos)
         return
     ctx.block(ax, node, f"element-wise operand '{tensor.name}' has its own values along the channel axis")
 
 
-@rule("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow")
+@rule("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where")
 def join(ctx: Context, node: gs.Node):
     out_rank = ctx.rank(node.outputs[0])
     ranks = [ctx.rank(t) for t in node.inputs]
@@ -84,7 +84,7 @@ def join(ctx: Context, node: gs.Node):
         return [i for i, _ in tracked]
     first_i, first = tracked[0]
     out_axis = first.axis + out_rank - ranks[first_i]
-    if any(ax.axis + out_rank - ranks[i] != out_axis for i, ax in tracked[1:]):
+    if any(ax.axis + out_rank - ranks[i] != out_axis or ax.outer != first.outer for i, ax in tracked[1:]):
         for _, other in tracked:
             ctx.block(other, node, "element-wise op joins channels on different axes")
         return [i for i, _ in tracked]
@@ -113,7 +113,7 @@ def join(ctx: Context, node: gs.Node):
         for (sa,), (sb,) in zip(other, pieces[0]):
             if sa.space is not None:
                 ctx.union(sa.space, sb.space, node)
-    out = ChannelAxis(out_axis, tuple(seg for (seg,) in pieces[0]))
+    out = ChannelAxis(out_axis, tuple(seg for (seg,) in pieces[0]), first.outer)
     for i, t in enumerate(node.inputs):
         if all(i != j for j, _ in tracked):
             _elementwise_constant(ctx, node, out, t, out_rank)

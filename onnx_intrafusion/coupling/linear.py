@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from .attention import batched_matmul
 from .rules import attr, rule
 from .spaces import CONSUMER, PARAM, PRODUCER, AxisFix, ChannelAxis, Context, Segment
 
@@ -102,8 +103,8 @@ def _unite_parts(ctx: Context, parts: list[ChannelAxis], node: gs.Node) -> bool:
 
 
 def _linear_out(ctx: Context, node: gs.Node, weight: gs.Tensor, out_axis_of_weight: int,
-                y: gs.Tensor, y_axis: int, n_out: int) -> ChannelAxis:
-    out = ChannelAxis(y_axis, ctx.new_spaces(n_out, node))
+                y: gs.Tensor, y_axis: int, n_out: int, kind: str = "channel") -> ChannelAxis:
+    out = ChannelAxis(y_axis, ctx.new_spaces(n_out, node, kind=kind))
     ctx.add_members(out, PRODUCER, weight, node, axis=out_axis_of_weight)
     return out
 
@@ -145,16 +146,20 @@ def _matmul(ctx: Context, node: gs.Node):
     ax = ctx.axis_of(a)
     weight = ctx.const(b)
     rank = ctx.rank(a)
+    if weight is None and ctx.const(a) is None:
+        return batched_matmul(ctx, node)
     if weight is None or weight.ndim != 2 or ctx.const(a) is not None or rank is None:
         ctx.block(ax, node, "MatMul without a constant 2-D right operand is not supported")
         ctx.block(ctx.axis_of(b), node, "MatMul between two computed tensors mixes channels")
         return [0, 1]
     if ax is not None:
-        if ax.axis != rank - 1:
+        if ax.axis != rank - 1 or ax.outer != 1:
             ctx.block(ax, node, "MatMul reads channels on a non-contracted axis")
         else:
             ctx.add_members(ax, CONSUMER, b, node, axis=0)
     y_rank = ctx.rank(node.outputs[0]) or max(rank, 2)
-    out = _linear_out(ctx, node, b, 1, node.outputs[0], y_rank - 1, weight.shape[1])
+    # Neurons of a linear layer applied to every token ([batch, tokens, features]): transformer FFNs.
+    kind = "ffn" if rank >= 3 else "channel"
+    out = _linear_out(ctx, node, b, 1, node.outputs[0], y_rank - 1, weight.shape[1], kind)
     ctx.set_axis(node.outputs[0], out)
     return [0]

@@ -52,6 +52,8 @@ def _normalise(ctx: Context, node: gs.Node):
     else:
         normalised = [1]
     if ax.axis in normalised:
+        if node.op == "LayerNormalization":
+            ctx.mark(ax, "hidden")  # the residual stream of a transformer (or a ConvNeXt stage)
         ctx.block(ax, node, f"{node.op} normalises over the channel axis (pruning would change its statistics)")
         return [0]
     if len(node.outputs) > 1 and any(o.outputs for o in node.outputs[1:]):

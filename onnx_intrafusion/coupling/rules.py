@@ -15,12 +15,17 @@ from .spaces import Context
 
 Rule = Callable[[Context, gs.Node], Iterable[int]]
 RULES: dict[str, Rule] = {}
+#: Rules of ops from other domains, keyed by (domain, op type).
+DOMAIN_RULES: dict[tuple[str, str], Rule] = {}
 
 
-def rule(*ops: str):
+def rule(*ops: str, domain: str = ""):
     def register(fn: Rule) -> Rule:
         for op in ops:
-            RULES[op] = fn
+            if domain:
+                DOMAIN_RULES[(domain, op)] = fn
+            else:
+                RULES[op] = fn
         return fn
 
     return register

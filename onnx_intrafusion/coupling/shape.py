@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .attention import request_heads
 from .rules import attr, int_operand, norm_axis, rule, slice_params, static
 from .spaces import AxisFix, ChannelAxis, Context, Segment
 
@@ -87,6 +88,22 @@ def _same_leading(a: list, b: list) -> bool:
     return static(a) and static(b) and int(np.prod(a)) == int(np.prod(b))
 
 
+def _outer(lead_in: list, lead_out: list, outer: int) -> int | None:
+    """Repeats of the channels on the output axis whose leading dims are ``lead_out``.
+
+    The same as ``outer`` when the leading dims hold the same elements;
+    more when a Reshape folds leading dims into the channel axis (``[B, h, S,
+    d] -> [B*h, S, d]``), fewer when it unfolds them again.  None when the
+    leading dims do not line up.
+    """
+    if _same_leading(lead_in, lead_out):
+        return outer
+    if not (static(lead_in) and static(lead_out)):
+        return None
+    size_in, size_out = int(np.prod(lead_in)) * outer, int(np.prod(lead_out))
+    return size_in // size_out if size_out and size_in % size_out == 0 else None
+
+
 @rule("Reshape")
 def _reshape(ctx: Context, node: gs.Node):
     x, target = node.inputs[0], node.inputs[1]
@@ -125,9 +142,13 @@ def _reshape(ctx: Context, node: gs.Node):
         if not static(otail) or not isinstance(oshape[j], int):
             continue
         new_tail = int(np.prod(otail)) if otail else 1
-        if oshape[j] * new_tail != total * tail or not _same_leading(ishape[:ax.axis], oshape[:j]):
+        outer = _outer(ishape[:ax.axis], oshape[:j], ax.outer)
+        if outer is None or oshape[j] * new_tail != outer * total * tail:
             continue
         segs = _tail_block(ax, tail, new_tail)
+        if segs is None and j == ax.axis and tail == 1 and outer == 1 and request_heads(ctx, ax, new_tail, y, j):
+            ctx.block(ax, node, "waiting for head blocks")
+            return [0]
         if segs is None:
             continue
         if j >= len(tval):
@@ -145,16 +166,16 @@ def _reshape(ctx: Context, node: gs.Node):
                 ctx.block(ax, node, "channel count is hard-coded in a computed Reshape target")
                 return [0]
             ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
-        ctx.set_axis(y, ChannelAxis(j, segs))
+        ctx.set_axis(y, ChannelAxis(j, segs, outer))
         return [0]
     ctx.block(ax, node, SPLIT_REASON)
     return [0]
 
 
-#: A Reshape that takes the channel axis apart.  Attention heads ([B, S, C]
-#: -> [B, S, heads, C/heads]) and channel shuffles (ShuffleNet) do this; a
-#: head-level group would need the head count in the Reshape constants to
-#: follow, which is not implemented: such channels are left as they are.
+#: A Reshape that takes the channel axis apart in a way that is not followed.
+#: Attention heads ([B, S, C] -> [B, S, heads, C/heads]) become head groups
+#: (see :mod:`.attention`); channel shuffles (ShuffleNet) and heads whose
+#: blocks do not line up with the producers' channels are left as they are.
 SPLIT_REASON = "Reshape splits the channel axis into several axes (attention heads, channel shuffle)"
 
 #: An entry of a computed shape that is read at run time from a non-channel dim.
@@ -356,7 +377,7 @@ def _transpose(ctx: Context, node: gs.Node):
             return [0]
         perm = list(range(rank))[::-1]
     perm = list(perm)
-    ctx.set_axis(node.outputs[0], ChannelAxis(perm.index(ax.axis), ax.segments))
+    ctx.set_axis(node.outputs[0], ChannelAxis(perm.index(ax.axis), ax.segments, ax.outer))
     return [0]
 
 

@@ -9,6 +9,7 @@ view (the channel axis of every tensor, Shape reads, values a rule needs).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -22,6 +23,16 @@ PARAM = "param"  # per-channel parameters along the channels (averaged)
 #: Why channels that reach a graph output are kept: expected, not a failure.
 OUTPUT_REASON = "channels reach a graph output"
 
+#: What a group's channels are: conv channels or plain neurons, attention heads
+#: (blocks of head_dim Q/K/V rows and output-projection columns), neurons of a
+#: linear layer applied per token (transformer FFN), the residual width.
+KINDS = ("channel", "head", "ffn", "hidden")
+
+#: Ops whose rules handle a channel axis with ``outer`` > 1 (attention with
+#: heads folded into the batch axis); any other op reading one blocks.
+FOLDED_OK = frozenset({"Transpose", "Reshape", "Mul", "Div", "Add", "Sub", "Where", "MatMul", "Softmax", "Cast",
+                       "Identity", "Dropout"})
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -33,8 +44,16 @@ class Segment:
 
 @dataclass(frozen=True)
 class ChannelAxis:
+    """The channels on ``axis``: ``segments`` in order, repeated ``outer`` times.
+
+    ``outer`` > 1 when a Reshape folded leading dims into the channel axis
+    (``[B, heads, ...] -> [B * heads, ...]``, as exporters write attention);
+    only the ops in :data:`FOLDED_OK` may read such an axis.
+    """
+
     axis: int
     segments: tuple[Segment, ...]
+    outer: int = 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,7 @@ class Group:
     members: list[Member]
     blocked: list[tuple[str, str]]  # (node name, reason)
     origin: str  # first producer node, for reports
+    kind: str = "channel"  # one of KINDS
 
     @property
     def prunable(self) -> bool:
@@ -102,17 +122,27 @@ class Analysis:
 
 
 class Spaces:
-    """Union-find of channel spaces: size, origin, members and blocked reasons per class."""
+    """Union-find of channel spaces: size, origin, members and blocked reasons per class.
+
+    A channel of a space covers ``unit`` consecutive positions of its
+    producer's output: 1 for a channel or neuron, ``head_dim`` for an
+    attention head (the Q/K/V rows of one head are kept or removed together).
+    ``kind`` says what a channel is (see :data:`KINDS`).
+    """
 
     def __init__(self):
         self.source: list[tuple[str, int]] = []  # space -> (producer node, first position)
+        self.unit: list[int] = []  # space -> producer positions per channel
+        self.kind: list[str] = []  # space -> kind of its producer ("channel", "ffn")
         self.parent: list[int] = []
         self.size: list[int] = []
         self.origin: list[str] = []
         self.members: list[list[Member]] = []
         self.blocked: list[list[tuple[str, str]]] = []
 
-    def new_space(self, size: int, node: gs.Node, base: int = 0) -> int:
+    def new_space(self, size: int, node: gs.Node, base: int = 0, unit: int = 1, kind: str = "channel") -> int:
+        self.unit.append(unit)
+        self.kind.append(kind)
         self.parent.append(len(self.parent))
         self.size.append(size)
         self.origin.append(node.name)
@@ -152,6 +182,12 @@ class Spaces:
         if ax is not None:
             self.block_spaces([s.space for s in ax.segments if s.space is not None], node, reason)
 
+    def mark(self, ax: ChannelAxis, kind: str) -> None:
+        """Record that the channels on ``ax`` are of ``kind`` (e.g. normalised by a LayerNorm: hidden)."""
+        for s in ax.segments:
+            if s.space is not None:
+                self.kind[s.space] = kind
+
     # -- segments of a channel axis -------------------------------------------
     def seg_len(self, seg: Segment) -> int:
         return self.size[self.find(seg.space)] * seg.block if seg.space is not None else seg.block
@@ -176,16 +212,32 @@ class Cuts(Spaces):
     this pass.
     """
 
-    def __init__(self, cuts: dict[str, frozenset[int]] | None = None):
+    def __init__(self, cuts: dict[str, frozenset[int]] | None = None, units: dict[str, int] | None = None):
         super().__init__()
         self.cuts = cuts or {}
+        self.units = units or {}  # producer node -> positions per channel (attention heads)
         self.requests: list[tuple[int, int]] = []  # (space, position) cuts asked for in this pass
+        self.unit_requests: list[tuple[int, int]] = []  # (space, factor) coarser channels asked for
 
-    def new_spaces(self, size: int, node: gs.Node, cuts: Iterable[int] = ()) -> tuple[Segment, ...]:
-        """The segments of a producer's output axis: one space per part between cuts."""
+    def new_spaces(self, size: int, node: gs.Node, cuts: Iterable[int] = (),
+                   kind: str = "channel") -> tuple[Segment, ...]:
+        """The segments of a producer's output axis: one space per part between cuts.
+
+        With a unit u asked for by an earlier pass (heads of ``u`` positions),
+        each space has size/u channels of block u; a unit that does not divide
+        every part is ignored (the op that asked for it then blocks).
+        """
         points = sorted({c for c in (*self.cuts.get(node.name, ()), *cuts) if 0 < c < size})
         bounds = [0, *points, size]
-        return tuple(Segment(self.new_space(b - a, node, a), 1) for a, b in zip(bounds, bounds[1:]))
+        unit = self.units.get(node.name, 1)
+        if any(b % unit for b in bounds):
+            unit = 1
+        return tuple(Segment(self.new_space((b - a) // unit, node, a, unit, kind), unit)
+                     for a, b in zip(bounds, bounds[1:]))
+
+    def request_unit(self, space: int, factor: int) -> None:
+        """Ask the producers of ``space``'s class for channels of ``factor`` times their current unit."""
+        self.unit_requests.append((space, factor))
 
     def align(self, ax: ChannelAxis, positions: Iterable[int]) -> bool | None:
         """Make each position a boundary between the channel segments of ``ax``.
@@ -232,15 +284,27 @@ class Cuts(Spaces):
         for space, pos in self.requests:
             for t in classes[self.find(space)]:
                 node, base = self.source[t]
-                out.setdefault(node, set()).add(base + pos)
+                out.setdefault(node, set()).add(base + pos * self.unit[t])
+        return out
+
+    def propagated_units(self) -> dict[str, int]:
+        """Units requested in this pass, spread to every space united with the requesting one."""
+        classes: dict[int, list[int]] = {}
+        for s in range(len(self.parent)):
+            classes.setdefault(self.find(s), []).append(s)
+        out: dict[str, int] = {}
+        for space, factor in self.unit_requests:
+            for t in classes[self.find(space)]:
+                node = self.source[t][0]
+                out[node] = math.lcm(out.get(node, 1), self.unit[t] * factor)
         return out
 
 
 class Members(Cuts):
     """The constants edited for each space, and who edits which slice of each constant."""
 
-    def __init__(self, cuts: dict[str, frozenset[int]] | None = None):
-        super().__init__(cuts)
+    def __init__(self, cuts: dict[str, frozenset[int]] | None = None, units: dict[str, int] | None = None):
+        super().__init__(cuts, units)
         self.member_key: dict[tuple[str, int, int], int] = {}  # (constant, axis, offset) -> space
         self.constant_users: dict[str, set[str]] = {}  # constant -> nodes that edit it
         # constant -> node -> (axis, offset, block) slices that node edits
@@ -282,8 +346,9 @@ class Context(Members):
     of every tensor, Shape outputs that hold a channel count, and the fixes.
     """
 
-    def __init__(self, graph: gs.Graph, cuts: dict[str, frozenset[int]] | None = None):
-        super().__init__(cuts)
+    def __init__(self, graph: gs.Graph, cuts: dict[str, frozenset[int]] | None = None,
+                 units: dict[str, int] | None = None):
+        super().__init__(cuts, units)
         self.graph = graph
         # Output of a Shape op that includes a channel axis -> (position of
         # the channel count in the vector, the channel axis).  Only reads of
