@@ -6,6 +6,8 @@ Forms (``FORMS``):
 * ``sdpa``: separate Q/K/V Linear without bias, ``F.scaled_dot_product_attention``
 * ``chunk``: one fused QKV Linear cut by ``chunk(3, -1)`` (a Split), then as ``bert``
 * ``mask``: ``bert`` with an additive attention mask constant (broadcast over heads)
+* ``stacked``: one fused QKV Linear reshaped to ``[B, S, 3, heads, head_dim]`` and permuted (timm, Swin)
+* ``mha``: ``nn.MultiheadAttention`` (fused in-projection, ``[S, B, 3, C]``, batch folded with heads)
 
 Every block is followed by a residual + LayerNorm and an FFN (Linear, GELU, Linear), mean-pooled
 over tokens and classified, so head groups sit next to FFN and hidden-size groups.
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FORMS = ("bert", "sdpa", "chunk", "mask")
+FORMS = ("bert", "sdpa", "chunk", "mask", "stacked", "mha")
 EXPORTERS = ("legacy", "dynamo")
 D, HEADS, TOKENS = 32, 4, 6
 
@@ -33,11 +35,13 @@ class Block(nn.Module):
         super().__init__()
         self.form, self.heads, self.hd = form, heads, d // heads
         bias = form != "sdpa"
-        if form == "chunk":
+        if form in ("chunk", "stacked"):
             self.qkv = nn.Linear(d, 3 * d)
+        elif form == "mha":
+            self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
         else:
             self.q, self.k, self.v = (nn.Linear(d, d, bias=bias) for _ in range(3))
-        self.o = nn.Linear(d, d)
+        self.o = self.mha.out_proj if form == "mha" else nn.Linear(d, d)
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.f1, self.f2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
         self.head = nn.Linear(d, classes)
@@ -46,9 +50,11 @@ class Block(nn.Module):
 
     def qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of Q, K and V (views into the fused weight for ``chunk``)."""
-        if self.form == "chunk":
+        if self.form in ("chunk", "stacked", "mha"):
             d = self.o.in_features
-            return [(self.qkv.weight[i * d:(i + 1) * d], self.qkv.bias[i * d:(i + 1) * d]) for i in range(3)]
+            w, b = (self.mha.in_proj_weight, self.mha.in_proj_bias) if self.form == "mha" else (self.qkv.weight,
+                                                                                                self.qkv.bias)
+            return [(w[i * d:(i + 1) * d], b[i * d:(i + 1) * d]) for i in range(3)]
         return [(m.weight, m.bias) for m in (self.q, self.k, self.v)]
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -57,11 +63,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
-        if self.form == "chunk":
+        if self.form == "mha":
+            x = self.ln1(x + self.mha(x, x, x, need_weights=False)[0])
+            x = self.ln2(x + self.f2(F.gelu(self.f1(x))))
+            return self.head(x.mean(1))
+        if self.form == "stacked":
+            q, k, v = self.qkv(x).reshape(b, s, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        elif self.form == "chunk":
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.form != "stacked":
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.form == "sdpa":
             a = F.scaled_dot_product_attention(q, k, v)
         else:

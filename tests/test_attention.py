@@ -70,7 +70,7 @@ def test_duplicate_heads_merge_exactly_and_pruning_does_not(tmp_path_factory, fo
 
 
 @pytest.mark.parametrize("exporter", am.EXPORTERS)
-@pytest.mark.parametrize("form", ["bert", "sdpa", "chunk"])
+@pytest.mark.parametrize("form", ["sdpa", "stacked", "mha"])
 def test_removing_heads_with_zero_output_columns_changes_nothing(tmp_path_factory, form, exporter):
     path, original = exported(tmp_path_factory, "dead", form, exporter)
     (group,) = head_groups(path)

@@ -91,8 +91,11 @@ def _analyse_pass(graph: gs.Graph, cuts: dict[str, frozenset[int]], units: dict[
     ctx = Context(graph, cuts, units)
     for node in graph.nodes:
         rule_fn = _rule_for(node)
-        folded = [t for t in node.inputs if (ctx.axis_of(t) or ChannelAxis(0, ())).outer > 1]
-        if folded and node.op not in FOLDED_OK:
+        special = [ax for t in node.inputs if (ax := ctx.axis_of(t)) is not None and (ax.outer > 1 or ax.stack)]
+        if any(ax.stack for ax in special):
+            handled = attention.stacked(ctx, node) if node.op in attention.STACKED_OK else []
+            reason = f"{node.op} reads a fused Q/K/V tensor in a way that is not supported"
+        elif special and node.op not in FOLDED_OK:
             handled, reason = [], f"{node.op} reads heads folded into a batch axis"
         elif rule_fn is None:
             handled: Iterable[int] = []

@@ -13,7 +13,13 @@ projection.  No special pattern is matched: the generic rules follow it once
   the Reshape constants that hold the head count are rewritten;
 * a MatMul between two computed tensors that carry heads on the same batch
   axis joins them like an element-wise op (:func:`batched_matmul`): Q, K and V
-  heads of one attention are one group.
+  heads of one attention are one group;
+* a fused QKV projection reshaped to ``[..., 3, C]`` or ``[..., 3, heads,
+  head_dim]`` (``nn.MultiheadAttention``, timm/Swin blocks) is cut into its
+  three parts, which are united, and carried as a *stacked* axis until a
+  Gather or Split takes the parts apart (:func:`stack_split`, :func:`stacked`);
+* heads folded into the batch axis (``[B * heads, S, head_dim]``) are an axis
+  with ``outer`` > 1, read only by the ops in ``FOLDED_OK``.
 
 Fused attention ops hold all heads inside one node with packed weights; they
 are left as they are, with :data:`FUSED_REASON`.
@@ -25,8 +31,10 @@ import math
 
 import onnx_graphsurgeon as gs
 
-from .rules import rule
-from .spaces import ChannelAxis, Context
+import numpy as np
+
+from .rules import int_operand, norm_axis, rule, slice_params, static
+from .spaces import AxisFix, ChannelAxis, Context
 
 #: Why channels read by a fused attention op are not pruned.
 FUSED_REASON = "fused attention op: its heads are packed inside one node (not pruned)"
@@ -83,6 +91,10 @@ def _reaches_attention(ctx: Context, tensor: gs.Tensor, axis: int, depth: int = 
         elif node.op == "MatMul" and all(ctx.const(t) is None for t in node.inputs):
             if axis < rank - 2:
                 return True
+        elif node.op in ("Gather", "Squeeze", "Unsqueeze", "Split", "Slice") and out is not None:
+            moved = _moved_axis(ctx, node, axis, rank)
+            if moved is not None and any(_reaches_attention(ctx, o, moved, depth + 1) for o in node.outputs):
+                return True
         elif node.op == "Reshape" and out is not None:
             j = _reshaped_axis(ctx.shape(tensor), ctx.shape(out), axis)
             if j is not None and _reaches_attention(ctx, out, j, depth + 1):
@@ -92,6 +104,33 @@ def _reaches_attention(ctx: Context, tensor: gs.Tensor, axis: int, depth: int = 
             if out_rank is not None and _reaches_attention(ctx, out, axis + out_rank - rank, depth + 1):
                 return True
     return False
+
+
+def _moved_axis(ctx: Context, node: gs.Node, axis: int, rank: int) -> int | None:
+    """Where ``axis`` goes through a Gather/Squeeze/Unsqueeze/Split that does not touch it."""
+    if node.op == "Gather":
+        idx = ctx.const(node.inputs[1])
+        g = norm_axis(int(node.attrs.get("axis", 0)), rank)
+        if idx is None or g == axis:
+            return None
+        return axis if axis < g else axis - 1 + idx.ndim
+    if node.op == "Split":
+        return None if norm_axis(int(node.attrs.get("axis", 0)), rank) == axis else axis
+    if node.op == "Slice":
+        params = slice_params(ctx, node)
+        return None if params is None or axis in [norm_axis(a, rank) for a in params[2]] else axis
+    axes = int_operand(ctx, node, "axes", 1, absent=None)
+    if axes is None:
+        return None
+    if node.op == "Squeeze":
+        axes = [norm_axis(a, rank) for a in axes]
+        return None if axis in axes else axis - sum(1 for a in axes if a < axis)
+    out_rank = rank + len(axes)
+    pos = axis
+    for a in sorted(norm_axis(a, out_rank) for a in axes):
+        if a <= pos:
+            pos += 1
+    return pos
 
 
 def _reshaped_axis(ishape: list | None, oshape: list | None, axis: int) -> int | None:
@@ -140,6 +179,147 @@ def batched_matmul(ctx: Context, node: gs.Node):
         ctx.set_axis(y, ChannelAxis(out_axis, axes[i].segments, axes[i].outer))
         return [0, 1]
     return join(ctx, node)
+
+
+def _takes_stack_apart(ctx: Context, tensor: gs.Tensor, axis: int, depth: int = 0) -> bool:
+    """Whether ``axis`` reaches a Gather or Split along it (through Unsqueeze/Transpose/Squeeze)."""
+    rank = ctx.rank(tensor)
+    if depth > 6 or rank is None:
+        return False
+    for node in tensor.outputs:
+        if node.op in ("Gather", "Split") and norm_axis(int(node.attrs.get("axis", 0)), rank) == axis:
+            return True
+        if node.op == "Slice" and _stack_slice(ctx, node, axis, rank) is not None:
+            return True
+        if node.op == "Transpose" and node.attrs.get("perm") is not None:
+            moved = list(node.attrs["perm"]).index(axis)
+        elif node.op in ("Squeeze", "Unsqueeze"):
+            moved = _moved_axis(ctx, node, axis, rank)
+        else:
+            continue
+        if moved is not None and _takes_stack_apart(ctx, node.outputs[0], moved, depth + 1):
+            return True
+    return False
+
+
+def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, oshape: list, tval: list,
+                computed: bool) -> bool:
+    """Reshape of a fused QKV projection ``[..., k*P] -> [..., k, <P as one or two axes>]``.
+
+    The k parts (Q, K, V) are cut apart and united; the output carries the
+    first part's channels with the stack (one segment tuple per index).
+    True when handled (possibly provisionally, waiting for cuts or heads).
+    """
+    if ax.outer != 1 or ax.stack is not None:
+        return False
+    y = node.outputs[0]
+    total = ctx.total(ax)
+    for s in range(len(oshape) - 1):
+        k, rest = oshape[s], oshape[s + 1:]
+        if not isinstance(k, int) or k < 2 or not static(rest) or total % k or int(np.prod(rest)) != total // k:
+            continue
+        from .shape import _same_leading, _tail_block  # noqa: PLC0415 (shape imports this module)
+
+        if not _same_leading(ishape[:ax.axis], oshape[:s]) or not _takes_stack_apart(ctx, y, s):
+            continue
+        size = total // k
+        ok = ctx.align(ax, [i * size for i in range(1, k)])
+        if ok is None:
+            return False
+        if not ok:
+            ctx.block(ax, node, "waiting for cuts")
+            return True
+        parts = [ChannelAxis(ax.axis, ctx.slice_segments(ax, i * size, (i + 1) * size)) for i in range(k)]
+        if not ctx.unite_parts(parts, node, "fused Q/K/V parts do not carry channels in the same layout"):
+            return True
+        j = s + 1 + next((i for i, d in enumerate(rest) if d != 1), 0)  # the channel axis: first non-1 dim
+        new_tail = int(np.prod(oshape[j + 1:]))
+        segs = [_tail_block(p, 1, new_tail) for p in parts]
+        if segs[0] is None:
+            if request_heads(ctx, parts[0], new_tail, y, j):
+                ctx.block(ax, node, "waiting for head blocks")
+                return True
+            return False
+        entry = tval[j] if j < len(tval) else None
+        if entry is None or entry == 0 or entry < -1 or (entry > 0 and computed):
+            return False
+        if entry > 0:
+            ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
+        ctx.set_axis(y, ChannelAxis(j, segs[0], 1, (s, tuple(segs))))
+        return True
+    return False
+
+
+#: Ops that take a stacked Q/K/V axis through or apart.
+STACKED_OK = frozenset({"Transpose", "Unsqueeze", "Squeeze", "Gather", "Split", "Slice"})
+
+
+def stacked(ctx: Context, node: gs.Node):
+    """Rule for a tensor whose channel axis is stacked (see :func:`stack_split`)."""
+    x = node.inputs[0]
+    ax = ctx.axis_of(x)
+    rank = ctx.rank(x)
+    s, parts = ax.stack
+    if rank is None or any(ctx.axis_of(t) is not None for t in node.inputs[1:]):
+        return []
+    if node.op == "Transpose":
+        perm = list(node.attrs.get("perm", range(rank)[::-1]))
+        ctx.set_axis(node.outputs[0], ChannelAxis(perm.index(ax.axis), ax.segments, ax.outer, (perm.index(s), parts)))
+        return [0]
+    if node.op in ("Squeeze", "Unsqueeze"):
+        axis, stack_axis = _moved_axis(ctx, node, ax.axis, rank), None
+        if node.op == "Squeeze" and len(parts) == 1 and s in _squeezed(ctx, node, rank):
+            stack_axis = -1  # squeezing a stack of one part (after a Split) ends the stack
+        else:
+            stack_axis = _moved_axis(ctx, node, s, rank)
+            if stack_axis is None:
+                return []
+        if axis is None:
+            return []
+        stack = None if stack_axis == -1 else (stack_axis, parts)
+        ctx.set_axis(node.outputs[0], ChannelAxis(axis, ax.segments, ax.outer, stack))
+        return [0]
+    if node.op == "Slice":
+        picked = _stack_slice(ctx, node, s, rank)
+        if picked is None:
+            return []
+        kept = parts[picked]
+        if not kept:
+            return []
+        ctx.set_axis(node.outputs[0], ChannelAxis(ax.axis, kept[0], ax.outer, (s, kept)))
+        return [0]
+    along = norm_axis(int(node.attrs.get("axis", 0)), rank)
+    if along != s:
+        return []
+    if node.op == "Gather":
+        idx = ctx.const(node.inputs[1])
+        if idx is None or idx.ndim != 0:
+            return []
+        i = int(idx) + len(parts) if int(idx) < 0 else int(idx)
+        ctx.set_axis(node.outputs[0], ChannelAxis(ax.axis - (1 if s < ax.axis else 0), parts[i], ax.outer))
+        return [0]
+    sizes = int_operand(ctx, node, "split", 1, absent=[1] * len(node.outputs))
+    if sizes is None or list(sizes) != [1] * len(parts) or len(node.outputs) != len(parts):
+        return []
+    for y, part in zip(node.outputs, parts):
+        ctx.set_axis(y, ChannelAxis(ax.axis, part, ax.outer, (s, (part,))))
+    return [0]
+
+
+def _stack_slice(ctx: Context, node: gs.Node, s: int, rank: int) -> slice | None:
+    """The parts a Slice keeps along stack axis ``s`` (only that axis, step 1), else None."""
+    params = slice_params(ctx, node)
+    if params is None:
+        return None
+    starts, ends, axes, steps = params
+    if [norm_axis(a, rank) for a in axes] != [s] or steps != [1]:
+        return None
+    return slice(starts[0], ends[0])
+
+
+def _squeezed(ctx: Context, node: gs.Node, rank: int) -> list[int]:
+    axes = int_operand(ctx, node, "axes", 1, absent=None) or []
+    return [norm_axis(a, rank) for a in axes]
 
 
 def _fused(ctx: Context, node: gs.Node):

@@ -74,32 +74,14 @@ def _grouped_conv(ctx: Context, node: gs.Node, ax: ChannelAxis | None, group: in
             ctx.block(ax, node, "waiting for cuts")
         else:
             parts = [ChannelAxis(1, ctx.slice_segments(ax, j * c_in_g, (j + 1) * c_in_g)) for j in range(group)]
-            if _unite_parts(ctx, parts, node):
+            if ctx.unite_parts(parts, node):
                 ctx.add_members(parts[0], CONSUMER, node.inputs[1], node, axis=1)
     out_parts = [ChannelAxis(1, ctx.slice_segments(out, j * out_g, (j + 1) * out_g)) for j in range(group)]
-    _unite_parts(ctx, out_parts, node)
+    ctx.unite_parts(out_parts, node)
     ctx.add_members(out, PRODUCER, node.inputs[1], node, axis=0)
     if bias is not None:
         ctx.add_members(out, PARAM, bias, node, axis=0)
     ctx.set_axis(node.outputs[0], out)
-
-
-def _unite_parts(ctx: Context, parts: list[ChannelAxis], node: gs.Node) -> bool:
-    """Unite the i-th segment of every part; False (and blocked) if the parts differ in layout."""
-    first = parts[0].segments
-    for part in parts[1:]:
-        if len(part.segments) != len(first) or any(
-            (a.space is None) != (b.space is None) or a.block != b.block or ctx.seg_len(a) != ctx.seg_len(b)
-            for a, b in zip(part.segments, first)
-        ):
-            for p in parts:
-                ctx.block(p, node, "conv groups do not carry channels in the same layout")
-            return False
-    for part in parts[1:]:
-        for a, b in zip(part.segments, first):
-            if a.space is not None:
-                ctx.union(a.space, b.space, node)
-    return True
 
 
 def _linear_out(ctx: Context, node: gs.Node, weight: gs.Tensor, out_axis_of_weight: int,
@@ -121,7 +103,7 @@ def _gemm(ctx: Context, node: gs.Node):
     trans_b = int(attr(node, "transB", 0))
     in_axis, out_axis = (1, 0) if trans_b else (0, 1)
     if ax is not None:
-        if ax.axis != 1:
+        if ax.axis != 1 or ax.outer != 1:
             ctx.block(ax, node, "Gemm input channels are not on axis 1")
         else:
             ctx.add_members(ax, CONSUMER, b, node, axis=in_axis)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .attention import request_heads
+from .attention import request_heads, stack_split
 from .rules import attr, int_operand, norm_axis, rule, slice_params, static
 from .spaces import AxisFix, ChannelAxis, Context, Segment
 
@@ -146,7 +146,7 @@ def _reshape(ctx: Context, node: gs.Node):
         if outer is None or oshape[j] * new_tail != outer * total * tail:
             continue
         segs = _tail_block(ax, tail, new_tail)
-        if segs is None and j == ax.axis and tail == 1 and outer == 1 and request_heads(ctx, ax, new_tail, y, j):
+        if segs is None and tail == 1 and request_heads(ctx, ax, new_tail, y, j):
             ctx.block(ax, node, "waiting for head blocks")
             return [0]
         if segs is None:
@@ -167,6 +167,8 @@ def _reshape(ctx: Context, node: gs.Node):
                 return [0]
             ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
         ctx.set_axis(y, ChannelAxis(j, segs, outer))
+        return [0]
+    if tail == 1 and stack_split(ctx, node, ax, ishape, oshape, tval, computed):
         return [0]
     ctx.block(ax, node, SPLIT_REASON)
     return [0]

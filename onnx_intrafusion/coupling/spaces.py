@@ -54,6 +54,9 @@ class ChannelAxis:
     axis: int
     segments: tuple[Segment, ...]
     outer: int = 1
+    #: (axis, segments per index) when a fused QKV was reshaped to ``[..., 3, C]``: index i along
+    #: that axis carries the i-th part; ``segments`` is the first part (all parts are united).
+    stack: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,24 @@ class Context(Members):
         self.shape_vec: dict[str, tuple[int, ChannelAxis]] = {}
         self.axes: dict[str, ChannelAxis] = {}
         self.fixes: list[AxisFix] = []
+
+    def unite_parts(self, parts: list[ChannelAxis], node: gs.Node,
+                    reason: str = "conv groups do not carry channels in the same layout") -> bool:
+        """Unite the i-th segment of every part; False (and blocked) if the parts differ in layout."""
+        first = parts[0].segments
+        for part in parts[1:]:
+            if len(part.segments) != len(first) or any(
+                (a.space is None) != (b.space is None) or a.block != b.block or self.seg_len(a) != self.seg_len(b)
+                for a, b in zip(part.segments, first)
+            ):
+                for p in parts:
+                    self.block(p, node, reason)
+                return False
+        for part in parts[1:]:
+            for a, b in zip(part.segments, first):
+                if a.space is not None:
+                    self.union(a.space, b.space, node)
+        return True
 
     def axis_of(self, tensor: gs.Tensor) -> ChannelAxis | None:
         return self.axes.get(tensor.name) if tensor is not None else None
