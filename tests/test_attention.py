@@ -83,6 +83,22 @@ def test_removing_heads_with_zero_output_columns_changes_nothing(tmp_path_factor
 
 
 @pytest.mark.parametrize("exporter", am.EXPORTERS)
+@pytest.mark.parametrize("form", ["bert", "stacked"])
+def test_dynamic_batch_and_length_head_count_is_rewritten(tmp_path, form, exporter):
+    # The Reshape targets are computed from Shape reads; the head count is a constant inside them.
+    path = str(am.export(am.duplicated(form), tmp_path / "m.onnx", exporter, dynamic=True))
+    original = onnx.load(path)
+    (group,) = head_groups(path)
+    result = prune(path, sparsity=0.5, groups=[group.id])
+    assert_valid(result.model, original)
+    assert [(r.channels_before, r.channels_after) for r in result.report.pruned_groups] == [(4, 2)]
+    for batch, tokens in ((3, am.TOKENS), (1, am.TOKENS + 3)):
+        feeds = {"tokens": np.random.default_rng(batch).standard_normal((batch, tokens, am.D)).astype(np.float32)}
+        np.testing.assert_allclose(run(result.model, feeds)["logits"], run(original, feeds)["logits"], atol=1e-4,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("exporter", am.EXPORTERS)
 def test_sparsity_zero_changes_nothing(tmp_path_factory, exporter):
     path, original = exported(tmp_path_factory, "dup", "bert", exporter)
     result = prune(path, sparsity=0.0)

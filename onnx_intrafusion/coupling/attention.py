@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 import numpy as np
 
 from .rules import int_operand, norm_axis, rule, slice_params, static
-from .spaces import AxisFix, ChannelAxis, Context
+from .spaces import ChannelAxis, Context
 
 #: Why channels read by a fused attention op are not pruned.
 FUSED_REASON = "fused attention op: its heads are packed inside one node (not pruned)"
@@ -203,7 +203,7 @@ def _takes_stack_apart(ctx: Context, tensor: gs.Tensor, axis: int, depth: int = 
 
 
 def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, oshape: list, tval: list,
-                computed: bool) -> bool:
+                entries: list | None) -> bool:
     """Reshape of a fused QKV projection ``[..., k*P] -> [..., k, <P as one or two axes>]``.
 
     The k parts (Q, K, V) are cut apart and united; the output carries the
@@ -218,7 +218,7 @@ def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, osha
         k, rest = oshape[s], oshape[s + 1:]
         if not isinstance(k, int) or k < 2 or not static(rest) or total % k or int(np.prod(rest)) != total // k:
             continue
-        from .shape import _same_leading, _tail_block  # noqa: PLC0415 (shape imports this module)
+        from .shape import _same_leading, _tail_block, fix_entry  # noqa: PLC0415 (shape imports this module)
 
         if not _same_leading(ishape[:ax.axis], oshape[:s]) or not _takes_stack_apart(ctx, y, s):
             continue
@@ -241,11 +241,12 @@ def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, osha
                 return True
             return False
         entry = tval[j] if j < len(tval) else None
-        if entry is None or entry == 0 or entry < -1 or (entry > 0 and computed):
+        if entry is None or entry == 0 or entry < -1:
             return False
-        if entry > 0:
-            ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
-        ctx.set_axis(y, ChannelAxis(j, segs[0], 1, (s, tuple(segs))))
+        out = ChannelAxis(j, segs[0], 1, (s, tuple(segs)))
+        if entry > 0 and not fix_entry(ctx, node, out, y, j, entries):
+            return True
+        ctx.set_axis(y, out)
         return True
     return False
 

@@ -117,7 +117,7 @@ def _reshape(ctx: Context, node: gs.Node):
     # x.view(x.size(0), -1) with a dynamic batch: the target is built from
     # Shape reads of non-channel dims and constants; the inferred output
     # shape may then have unknown dims that the target itself tells.
-    entries = _shape_entries(ctx, target)
+    entries = _shape_entries(ctx, target, 0, node, 1)
     resolved = None if entries is None or ishape is None else _resolve_target(ctx, entries, x, ishape)
     if computed:
         tval = None if resolved is None else np.array(resolved[0])
@@ -161,14 +161,12 @@ def _reshape(ctx: Context, node: gs.Node):
             break
         if entry == DYNAMIC:
             break
-        if entry > 0:
-            if computed:
-                ctx.block(ax, node, "channel count is hard-coded in a computed Reshape target")
-                return [0]
-            ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
-        ctx.set_axis(y, ChannelAxis(j, segs, outer))
+        out = ChannelAxis(j, segs, outer)
+        if entry > 0 and not fix_entry(ctx, node, out, y, j, entries if computed else None):
+            return [0]
+        ctx.set_axis(y, out)
         return [0]
-    if tail == 1 and stack_split(ctx, node, ax, ishape, oshape, tval, computed):
+    if tail == 1 and stack_split(ctx, node, ax, ishape, oshape, tval, entries if computed else None):
         return [0]
     ctx.block(ax, node, SPLIT_REASON)
     return [0]
@@ -184,29 +182,102 @@ SPLIT_REASON = "Reshape splits the channel axis into several axes (attention hea
 DYNAMIC = -(2**62)
 
 
-def _shape_entries(ctx: Context, tensor: gs.Tensor, depth: int = 0) -> list | None:
+class Entry(int):
+    """A constant entry of a computed shape and where it is stored: ``source`` = (reader node, input, element)."""
+
+    source: tuple
+
+
+def _entry(value: int, source: tuple) -> Entry:
+    e = Entry(value)
+    e.source = source
+    return e
+
+
+def fix_entry(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, j: int, entries: list | None) -> bool:
+    """Register the fix of entry ``j`` of Reshape ``node``'s target (the channel count of ``y``).
+
+    A constant target is edited in place.  A computed one (``entries``, a
+    dynamic batch or sequence) is edited where the constant entry is stored,
+    e.g. an input of the Concat that builds the target; every Reshape that
+    reads that stored value must then be edited alike (checked at the end
+    of the pass, :func:`check_stored_entries`).  False (and blocked) when the
+    entry is not a stored constant.
+    """
+    if entries is None:
+        ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
+        return True
+    source = getattr(entries[j], "source", None) if j < len(entries) else None
+    if source is None or source[0] is None:
+        ctx.block(ax, node, "channel count is hard-coded in a computed Reshape target")
+        return False
+    reader, index, element = source
+    ctx.fixes.append(AxisFix("shape", reader.name, y.name, element, input=index))
+    ctx.stored_entries.setdefault((reader.name, index, element), []).append((node, ax))
+    return True
+
+
+#: Ops between a stored shape entry and the Reshape that reads it.
+_SHAPE_CHAIN = ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Slice", "Reshape")
+
+
+def _target_readers(node: gs.Node, depth: int = 0) -> set[str] | None:
+    """Reshapes whose target is computed from ``node``'s output; None if anything else reads it."""
+    out: set[str] = set()
+    for t in node.outputs:
+        for r in t.outputs:
+            if r.op == "Reshape" and len(r.inputs) > 1 and r.inputs[1] is t:
+                out.add(r.name)
+            elif r.op in _SHAPE_CHAIN and depth < 8:
+                sub = _target_readers(r, depth + 1)
+                if sub is None:
+                    return None
+                out |= sub
+            else:
+                return None
+    return out
+
+
+def check_stored_entries(ctx: Context, graph: gs.Graph) -> None:
+    """A stored shape entry edited for some Reshapes must be read by no other node.
+
+    Reshapes that share it (dynamo reuses one target for Q, K and V) must
+    keep the same count, so their channels are united.
+    """
+    nodes = {n.name: n for n in graph.nodes}
+    for (reader, _, _), users in ctx.stored_entries.items():
+        readers = _target_readers(nodes[reader])
+        if readers is None or readers - {n.name for n, _ in users}:
+            for node, ax in users:
+                ctx.block(ax, node, "the channel count is stored in a shape shared with other nodes")
+        elif len(users) > 1:
+            ctx.unite_parts([ax for _, ax in users], users[0][0], "Reshapes sharing a channel count differ")
+
+
+def _shape_entries(ctx: Context, tensor: gs.Tensor, depth: int = 0, reader: gs.Node | None = None,
+                   index: int = 0) -> list | None:
     """Entries of a 1-D int tensor computed from constants and Shape reads.
 
-    Each entry is an int (a constant) or ``(tensor, dim)``: the size of
-    ``tensor``'s dimension ``dim`` read at run time.  None when the
-    computation is not understood.
+    Each entry is an :class:`Entry` (a constant, read by input ``index`` of
+    ``reader``) or ``(tensor, dim)``: the size of ``tensor``'s dimension
+    ``dim`` read at run time.  None when the computation is not understood.
     """
     val = ctx.const(tensor)
     if val is not None:
-        return [int(v) for v in val.reshape(-1)]
+        return [_entry(int(v), (reader, index, i)) for i, v in enumerate(val.reshape(-1))]
     if depth > 8 or not tensor.inputs:
         return None
     node = tensor.inputs[0]
     if node.op == "Concat" and int(attr(node, "axis", 0)) in (0, -1):
         out: list = []
-        for t in node.inputs:
-            part = _shape_entries(ctx, t, depth + 1)
+        for k, t in enumerate(node.inputs):
+            part = _shape_entries(ctx, t, depth + 1, node, k)
             if part is None:
                 return None
             out += part
         return out
     if node.op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape") and node.inputs:
-        return _shape_entries(ctx, node.inputs[0], depth + 1)
+        return _shape_entries(ctx, node.inputs[0], depth + 1, node, 0)
     if node.op == "Shape":
         rank = ctx.rank(node.inputs[0])
         if rank is None:
@@ -216,12 +287,12 @@ def _shape_entries(ctx: Context, tensor: gs.Tensor, depth: int = 0) -> list | No
         end = rank if end is None else min(norm_axis(int(end), rank), rank)
         return [(node.inputs[0], d) for d in range(start, end)]
     if node.op == "Gather" and int(attr(node, "axis", 0)) == 0:
-        src, idx = _shape_entries(ctx, node.inputs[0], depth + 1), ctx.const(node.inputs[1])
+        src, idx = _shape_entries(ctx, node.inputs[0], depth + 1, node, 0), ctx.const(node.inputs[1])
         if src is None or idx is None or idx.ndim > 1:
             return None
         return [src[int(i)] for i in idx.reshape(-1)]
     if node.op == "Slice":
-        src, params = _shape_entries(ctx, node.inputs[0], depth + 1), slice_params(ctx, node)
+        src, params = _shape_entries(ctx, node.inputs[0], depth + 1, node, 0), slice_params(ctx, node)
         if src is None or params is None or len(params[0]) != 1:
             return None
         return src[slice(params[0][0], params[1][0], params[3][0])]

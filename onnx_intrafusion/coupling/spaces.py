@@ -359,6 +359,8 @@ class Context(Members):
         self.shape_vec: dict[str, tuple[int, ChannelAxis]] = {}
         self.axes: dict[str, ChannelAxis] = {}
         self.fixes: list[AxisFix] = []
+        # (node, input, element) of a stored shape entry -> the Reshapes (and axes) whose count it holds
+        self.stored_entries: dict[tuple[str, int, int], list] = {}
 
     def unite_parts(self, parts: list[ChannelAxis], node: gs.Node,
                     reason: str = "conv groups do not carry channels in the same layout") -> bool:
