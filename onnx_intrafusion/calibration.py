@@ -156,29 +156,29 @@ def sample_count(arrays: dict[str, np.ndarray]) -> int:
     return int(next(iter(arrays.values())).shape[0])
 
 
-__all__ = ["read", "match", "batches", "input_specs", "sample_count"]
+#: Fraction of the calibration samples held back to check every data-aware step (never fitted on).
+HOLDBACK_FRACTION = 0.1
+#: At least this many samples are held back (when there are at least twice as many).
+HOLDBACK_MIN = 4
 
 
-def resolve_options(calibration, samples: int | None, recover: str | None, importance: str,
-                    alpha: float, ewr_eps: float) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Check the data-aware options before any work: (calibration arrays or None, recovery mode).
+def split_holdback(arrays: dict[str, np.ndarray], fraction: float = HOLDBACK_FRACTION, seed: int = 0
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(fit, held back): a deterministic random split of the calibration samples.
 
-    ``recover=None`` means lstsq with calibration data and none without.
+    Every fitted step (recovery, distillation, sensitivity) is judged on the
+    held-back part, which it never sees, so "keep the better of before and
+    after" is an honest comparison.  The split is random (seeded) rather than
+    the last samples, because users often concatenate data sorted by class.
+    With fewer than ``2 * HOLDBACK_MIN`` samples, half are held back.
     """
-    from .recovery import MODES
+    n = sample_count(arrays)
+    if n < 2:
+        raise UsageError(f"at least 2 calibration samples are needed to hold some back, got {n}")
+    held = max(int(round(n * fraction)), min(HOLDBACK_MIN, n // 2), 1)
+    order = np.random.default_rng([seed, 0x401DBAC]).permutation(n)
+    back, fit = np.sort(order[:held]), np.sort(order[held:])
+    return ({k: v[fit] for k, v in arrays.items()}, {k: v[back] for k, v in arrays.items()})
 
-    if recover is not None and recover not in MODES:
-        raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(MODES)})")
-    if not (isinstance(alpha, (int, float)) and alpha > 0 and np.isfinite(alpha)):
-        raise UsageError(f"recover-alpha must be > 0, got {alpha}")
-    if not (isinstance(ewr_eps, (int, float)) and ewr_eps > 0 and np.isfinite(ewr_eps)):
-        raise UsageError(f"ewr-eps must be > 0, got {ewr_eps}")
-    if calibration is None:
-        if recover not in (None, "none"):
-            raise UsageError(f"--recover {recover} needs calibration data (--calibration FILE.npz)")
-        if importance == "activation":
-            raise UsageError("--importance activation needs calibration data (--calibration FILE.npz)")
-        if samples is not None:
-            raise UsageError("--calibration-samples needs calibration data (--calibration FILE.npz)")
-        return None, "none"
-    return read(calibration, samples), recover or "lstsq"
+
+__all__ = ["read", "match", "batches", "input_specs", "sample_count", "split_holdback"]
