@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                       f"trained in {time.perf_counter() - t0:.0f}s", flush=True)
                 for sparsity in SPARSITIES:
                     for method in METHODS:
-                        result = prune(str(path), sparsity=sparsity, method=method, groups=heads, validate=False)
+                        result = prune(str(path), sparsity=sparsity, head_method=method, groups=heads, validate=False)
                         acc = accuracy(result.model, xte, yte)
                         kept = [r.channels_after for r in result.report.pruned_groups]
                         rows.append(dict(model=name, seed=seed, sparsity=sparsity, method=method, accuracy=acc,

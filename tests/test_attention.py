@@ -55,8 +55,8 @@ def test_duplicate_heads_merge_exactly_and_pruning_does_not(tmp_path_factory, fo
     assert group.prunable and group.size == am.HEADS
     feeds = feeds_for(original, seed=1)
     ref = run(original, feeds)["logits"]
-    fused = prune(path, sparsity=0.5, method="intrafusion", groups=[group.id])
-    dropped = prune(path, sparsity=0.5, method="prune", groups=[group.id])
+    fused = prune(path, sparsity=0.5, head_method="intrafusion", groups=[group.id])
+    dropped = prune(path, sparsity=0.5, groups=[group.id])  # heads are dropped by default
     for result in (fused, dropped):
         assert_valid(result.model, original)
         (row,) = result.report.pruned_groups
@@ -77,6 +77,7 @@ def test_removing_heads_with_zero_output_columns_changes_nothing(tmp_path_factor
     result = prune(path, sparsity=0.5, method="prune", groups=[group.id])
     assert_valid(result.model, original)
     (row,) = result.report.pruned_groups
+    assert row.kind == "head"
     assert row.kept == [0, 2]  # exactly the live heads
     feeds = feeds_for(original, seed=2)
     np.testing.assert_allclose(run(result.model, feeds)["logits"], run(original, feeds)["logits"], atol=1e-5, rtol=0)
@@ -89,7 +90,7 @@ def test_dynamic_batch_and_length_head_count_is_rewritten(tmp_path, form, export
     path = str(am.export(am.duplicated(form), tmp_path / "m.onnx", exporter, dynamic=True))
     original = onnx.load(path)
     (group,) = head_groups(path)
-    result = prune(path, sparsity=0.5, groups=[group.id])
+    result = prune(path, sparsity=0.5, head_method="intrafusion", groups=[group.id])
     assert_valid(result.model, original)
     assert [(r.channels_before, r.channels_after) for r in result.report.pruned_groups] == [(4, 2)]
     for batch, tokens in ((3, am.TOKENS), (1, am.TOKENS + 3)):
@@ -101,7 +102,7 @@ def test_dynamic_batch_and_length_head_count_is_rewritten(tmp_path, form, export
 @pytest.mark.parametrize("exporter", am.EXPORTERS)
 def test_sparsity_zero_changes_nothing(tmp_path_factory, exporter):
     path, original = exported(tmp_path_factory, "dup", "bert", exporter)
-    result = prune(path, sparsity=0.0)
+    result = prune(path, sparsity=0.0, allow_unchanged=True)
     assert not result.report.pruned_groups
     feeds = feeds_for(original)
     np.testing.assert_array_equal(run(result.model, feeds)["logits"], run(original, feeds)["logits"])
@@ -120,6 +121,25 @@ def test_group_kinds_and_ffn_neurons_prune(tmp_path_factory, exporter):
     assert_valid(result.model, original)
     assert sorted((r.channels_before, r.channels_after) for r in result.report.pruned_groups) == [
         (am.HEADS, am.HEADS // 2), (2 * am.D, am.D)]
+
+
+@pytest.mark.parametrize("exporter", ["legacy"])
+def test_per_kind_sparsity_and_method_from_the_command_line(tmp_path_factory, tmp_path, exporter):
+    import json
+
+    from onnx_intrafusion.cli import main
+
+    path, original = exported(tmp_path_factory, "dup", "bert", exporter)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main([path, str(out), "--sparsity", "0.5", "--head-sparsity", "0.75", "--ffn-sparsity", "0.25",
+                 "--head-method", "intrafusion", "--report", str(report), "--quiet"])
+    assert code == 0
+    rows = {r["kind"]: r for r in json.loads(report.read_text())["groups"] if r["status"] == "pruned"}
+    assert (rows["head"]["channels_before"], rows["head"]["channels_after"]) == (am.HEADS, 1)
+    assert (rows["ffn"]["channels_before"], rows["ffn"]["channels_after"]) == (2 * am.D, 48)
+    assert_valid(onnx.load(str(out)), original)
+    assert main([path, str(tmp_path / "x.onnx"), "--head-sparsity", "1.5", "--quiet"]) != 0
+    assert main([path, str(tmp_path / "x.onnx"), "--global", "--ffn-sparsity", "0.2", "--quiet"]) != 0
 
 
 def _fused_attention_model(op: str) -> onnx.ModelProto:
