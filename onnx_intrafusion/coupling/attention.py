@@ -17,7 +17,7 @@ projection.  No special pattern is matched: the generic rules follow it once
 * a fused QKV projection reshaped to ``[..., 3, C]`` or ``[..., 3, heads,
   head_dim]`` (``nn.MultiheadAttention``, timm/Swin blocks) is cut into its
   three parts, which are united, and carried as a *stacked* axis until a
-  Gather or Split takes the parts apart (:func:`stack_split`, :func:`stacked`);
+  Gather or Split takes the parts apart (``shape.stack_split``, :func:`stacked`);
 * heads folded into the batch axis (``[B * heads, S, head_dim]``) are an axis
   with ``outer`` > 1, read only by the ops in ``FOLDED_OK``.
 
@@ -31,9 +31,7 @@ import math
 
 import onnx_graphsurgeon as gs
 
-import numpy as np
-
-from .rules import int_operand, norm_axis, rule, slice_params, static
+from .rules import int_operand, norm_axis, rule, slice_params
 from .spaces import ChannelAxis, Context
 
 #: Why channels read by a fused attention op are not pruned.
@@ -181,7 +179,7 @@ def batched_matmul(ctx: Context, node: gs.Node):
     return join(ctx, node)
 
 
-def _takes_stack_apart(ctx: Context, tensor: gs.Tensor, axis: int, depth: int = 0) -> bool:
+def takes_stack_apart(ctx: Context, tensor: gs.Tensor, axis: int, depth: int = 0) -> bool:
     """Whether ``axis`` reaches a Gather or Split along it (through Unsqueeze/Transpose/Squeeze)."""
     rank = ctx.rank(tensor)
     if depth > 6 or rank is None:
@@ -197,57 +195,8 @@ def _takes_stack_apart(ctx: Context, tensor: gs.Tensor, axis: int, depth: int = 
             moved = _moved_axis(ctx, node, axis, rank)
         else:
             continue
-        if moved is not None and _takes_stack_apart(ctx, node.outputs[0], moved, depth + 1):
+        if moved is not None and takes_stack_apart(ctx, node.outputs[0], moved, depth + 1):
             return True
-    return False
-
-
-def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, oshape: list, tval: list,
-                entries: list | None) -> bool:
-    """Reshape of a fused QKV projection ``[..., k*P] -> [..., k, <P as one or two axes>]``.
-
-    The k parts (Q, K, V) are cut apart and united; the output carries the
-    first part's channels with the stack (one segment tuple per index).
-    True when handled (possibly provisionally, waiting for cuts or heads).
-    """
-    if ax.outer != 1 or ax.stack is not None:
-        return False
-    y = node.outputs[0]
-    total = ctx.total(ax)
-    for s in range(len(oshape) - 1):
-        k, rest = oshape[s], oshape[s + 1:]
-        if not isinstance(k, int) or k < 2 or not static(rest) or total % k or int(np.prod(rest)) != total // k:
-            continue
-        from .shape import _same_leading, _tail_block, fix_entry  # noqa: PLC0415 (shape imports this module)
-
-        if not _same_leading(ishape[:ax.axis], oshape[:s]) or not _takes_stack_apart(ctx, y, s):
-            continue
-        size = total // k
-        ok = ctx.align(ax, [i * size for i in range(1, k)])
-        if ok is None:
-            return False
-        if not ok:
-            ctx.block(ax, node, "waiting for cuts")
-            return True
-        parts = [ChannelAxis(ax.axis, ctx.slice_segments(ax, i * size, (i + 1) * size)) for i in range(k)]
-        if not ctx.unite_parts(parts, node, "fused Q/K/V parts do not carry channels in the same layout"):
-            return True
-        j = s + 1 + next((i for i, d in enumerate(rest) if d != 1), 0)  # the channel axis: first non-1 dim
-        new_tail = int(np.prod(oshape[j + 1:]))
-        segs = [_tail_block(p, 1, new_tail) for p in parts]
-        if segs[0] is None:
-            if request_heads(ctx, parts[0], new_tail, y, j):
-                ctx.block(ax, node, "waiting for head blocks")
-                return True
-            return False
-        entry = tval[j] if j < len(tval) else None
-        if entry is None or entry == 0 or entry < -1:
-            return False
-        out = ChannelAxis(j, segs[0], 1, (s, tuple(segs)))
-        if entry > 0 and not fix_entry(ctx, node, out, y, j, entries):
-            return True
-        ctx.set_axis(y, out)
-        return True
     return False
 
 

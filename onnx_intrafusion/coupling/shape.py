@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .attention import request_heads, stack_split
+from .attention import request_heads, takes_stack_apart
 from .rules import attr, int_operand, norm_axis, rule, slice_params, static
 from .spaces import AxisFix, ChannelAxis, Context, Segment
 
@@ -170,6 +170,53 @@ def _reshape(ctx: Context, node: gs.Node):
         return [0]
     ctx.block(ax, node, SPLIT_REASON)
     return [0]
+
+
+def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, oshape: list, tval: list,
+                entries: list | None) -> bool:
+    """Reshape of a fused QKV projection ``[..., k*P] -> [..., k, <P as one or two axes>]``.
+
+    The k parts (Q, K, V) are cut apart and united; the output carries the
+    first part's channels with the stack (one segment tuple per index).
+    True when handled (possibly provisionally, waiting for cuts or heads).
+    """
+    if ax.outer != 1 or ax.stack is not None:
+        return False
+    y = node.outputs[0]
+    total = ctx.total(ax)
+    for s in range(len(oshape) - 1):
+        k, rest = oshape[s], oshape[s + 1:]
+        if not isinstance(k, int) or k < 2 or not static(rest) or total % k or int(np.prod(rest)) != total // k:
+            continue
+        if not _same_leading(ishape[:ax.axis], oshape[:s]) or not takes_stack_apart(ctx, y, s):
+            continue
+        size = total // k
+        ok = ctx.align(ax, [i * size for i in range(1, k)])
+        if ok is None:
+            return False
+        if not ok:
+            ctx.block(ax, node, "waiting for cuts")
+            return True
+        parts = [ChannelAxis(ax.axis, ctx.slice_segments(ax, i * size, (i + 1) * size)) for i in range(k)]
+        if not ctx.unite_parts(parts, node, "fused Q/K/V parts do not carry channels in the same layout"):
+            return True
+        j = s + 1 + next((i for i, d in enumerate(rest) if d != 1), 0)  # the channel axis: first non-1 dim
+        new_tail = int(np.prod(oshape[j + 1:]))
+        segs = [_tail_block(p, 1, new_tail) for p in parts]
+        if segs[0] is None:
+            if request_heads(ctx, parts[0], new_tail, y, j):
+                ctx.block(ax, node, "waiting for head blocks")
+                return True
+            return False
+        entry = tval[j] if j < len(tval) else None
+        if entry is None or entry == 0 or entry < -1:
+            return False
+        out = ChannelAxis(j, segs[0], 1, (s, tuple(segs)))
+        if entry > 0 and not fix_entry(ctx, node, out, y, j, entries):
+            return True
+        ctx.set_axis(y, out)
+        return True
+    return False
 
 
 #: A Reshape that takes the channel axis apart in a way that is not followed.
