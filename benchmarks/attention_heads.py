@@ -8,13 +8,13 @@ attention-head groups at several sparsities with ``method=prune`` and
 test split.  Models:
 
 * ``vit_fashion``: Fashion-MNIST (Debian package dataset-fashion-mnist), patch 4
-  (49 tokens), width 64, 8 heads, 2 blocks, trained on a 20k-image subset;
+  (49 tokens), width 64, 8 heads, 2 blocks, trained on a 10k-image subset (3 epochs);
 * ``vit_digits``: scikit-learn's 8x8 digits, patch 2 (16 tokens), width 32,
   4 heads, 2 blocks.
 
 Each model is trained with ``--seeds`` seeds.
 
-    python benchmarks/attention_heads.py            # 2 seeds, both models (about 6 min on 2 cores)
+    python benchmarks/attention_heads.py            # 2 seeds, both models (about 10 min on 2 idle cores)
     python benchmarks/attention_heads.py --quick    # digits only, 1 seed (< 1 min)
 
 Writes docs/results/attention_heads.json (and prints a table).
@@ -42,7 +42,7 @@ SPARSITIES = (0.25, 0.5, 0.75)
 METHODS = ("prune", "intrafusion")
 CONFIGS = {
     "vit_digits": dict(data="digits", patch=2, d=32, heads=4, depth=2, epochs=60, train=None, batch=64),
-    "vit_fashion": dict(data="fashion", patch=4, d=64, heads=8, depth=2, epochs=4, train=20000, batch=128),
+    "vit_fashion": dict(data="fashion", patch=4, d=64, heads=8, depth=2, epochs=3, train=10000, batch=128),
 }
 
 
