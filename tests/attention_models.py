@@ -7,6 +7,7 @@ Forms (``FORMS``):
 * ``chunk``: one fused QKV Linear cut by ``chunk(3, -1)`` (a Split), then as ``bert``
 * ``mask``: ``bert`` with an additive attention mask constant (broadcast over heads)
 * ``stacked``: one fused QKV Linear reshaped to ``[B, S, 3, heads, head_dim]`` and permuted (timm, Swin)
+* ``relbias``: ``stacked`` plus a learned per-head bias ``[heads, S, S]`` added to the scores (Swin)
 * ``mha``: ``nn.MultiheadAttention`` (fused in-projection, ``[S, B, 3, C]``, batch folded with heads)
 
 Every block is followed by a residual + LayerNorm and an FFN (Linear, GELU, Linear), mean-pooled
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FORMS = ("bert", "sdpa", "chunk", "mask", "stacked", "mha")
+FORMS = ("bert", "sdpa", "chunk", "mask", "stacked", "relbias", "mha")
 EXPORTERS = ("legacy", "dynamo")
 D, HEADS, TOKENS = 32, 4, 6
 
@@ -35,7 +36,7 @@ class Block(nn.Module):
         super().__init__()
         self.form, self.heads, self.hd = form, heads, d // heads
         bias = form != "sdpa"
-        if form in ("chunk", "stacked"):
+        if form in ("chunk", "stacked", "relbias"):
             self.qkv = nn.Linear(d, 3 * d)
         elif form == "mha":
             self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
@@ -47,10 +48,11 @@ class Block(nn.Module):
         self.head = nn.Linear(d, classes)
         mask = torch.triu(torch.full((TOKENS, TOKENS), -1e4), diagonal=1)
         self.register_buffer("mask", mask)
+        self.rel = nn.Parameter(torch.randn(heads, TOKENS, TOKENS))
 
     def qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of Q, K and V (views into the fused weight for ``chunk``)."""
-        if self.form in ("chunk", "stacked", "mha"):
+        if self.form in ("chunk", "stacked", "relbias", "mha"):
             d = self.o.in_features
             w, b = (self.mha.in_proj_weight, self.mha.in_proj_bias) if self.form == "mha" else (self.qkv.weight,
                                                                                                 self.qkv.bias)
@@ -67,13 +69,13 @@ class Block(nn.Module):
             x = self.ln1(x + self.mha(x, x, x, need_weights=False)[0])
             x = self.ln2(x + self.f2(F.gelu(self.f1(x))))
             return self.head(x.mean(1))
-        if self.form == "stacked":
+        if self.form in ("stacked", "relbias"):
             q, k, v = self.qkv(x).reshape(b, s, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
         elif self.form == "chunk":
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
-        if self.form != "stacked":
+        if self.form not in ("stacked", "relbias"):
             q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if self.form == "sdpa":
             a = F.scaled_dot_product_attention(q, k, v)
@@ -81,6 +83,8 @@ class Block(nn.Module):
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.hd)
             if self.form == "mask":
                 scores = scores + self.mask
+            if self.form == "relbias":
+                scores = scores + self.rel
             a = torch.softmax(scores, dim=-1) @ v
         x = self.ln1(x + self.o(a.transpose(1, 2).reshape(b, s, d)))
         x = self.ln2(x + self.f2(F.gelu(self.f1(x))))
@@ -99,6 +103,7 @@ def duplicated(form: str, seed: int = 0) -> Block:
     with torch.no_grad():
         for w, b in m.qkv_weights():
             for h in range(half):
+                m.rel[h + half] = m.rel[h]
                 w[_cols(h + half, hd)] = w[_cols(h, hd)]
                 if b is not None:
                     b[_cols(h + half, hd)] = b[_cols(h, hd)]
