@@ -64,12 +64,7 @@ def _split(ctx: Context, node: gs.Node):
         ctx.block(ax, node, "Split sizes along the channel axis are not known")
         return [0]
     bounds = [int(v) for v in np.cumsum([0, *sizes])]
-    ok = ctx.align(ax, bounds[1:-1])
-    if ok is None:
-        ctx.block(ax, node, "Split cuts through the positions of one channel")
-        return [0]
-    if not ok:
-        ctx.block(ax, node, "waiting for cuts")
+    if not ctx.aligned(ax, bounds[1:-1], node):
         return [0]
     parts = tuple(ctx.slice_segments(ax, a, b) for a, b in zip(bounds, bounds[1:]))
     ctx.fixes.append(AxisFix("split", node.name, x.name, parts=parts))
@@ -111,12 +106,7 @@ def _slice(ctx: Context, node: gs.Node):
     if end <= start:
         ctx.block(ax, node, "empty Slice along the channel axis")
         return [0]
-    ok = ctx.align(ax, [p for p in (start, end) if 0 < p < total])
-    if ok is None:
-        ctx.block(ax, node, "Slice cuts through the positions of one channel")
-        return [0]
-    if not ok:
-        ctx.block(ax, node, "waiting for cuts")
+    if not ctx.aligned(ax, [p for p in (start, end) if 0 < p < total], node):
         return [0]
     kept = ctx.slice_segments(ax, start, end)
     ctx.fixes.append(AxisFix("slice", node.name, x.name, i, parts=(ctx.slice_segments(ax, 0, start), kept)))

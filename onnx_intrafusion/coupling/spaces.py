@@ -261,6 +261,14 @@ class Cuts(Spaces):
                     break
         return ok
 
+    def aligned(self, ax: ChannelAxis, positions: Iterable[int], node: gs.Node) -> bool:
+        """:meth:`align`, blocking ``ax`` (for ``node``) unless the positions already are boundaries."""
+        ok = self.align(ax, positions)
+        if not ok:
+            self.block(ax, node, f"{node.op} cuts through the positions of one channel" if ok is None
+                       else "waiting for cuts")
+        return bool(ok)
+
     def slice_segments(self, ax: ChannelAxis, start: int, end: int) -> tuple[Segment, ...]:
         """The segments covering positions [start, end) of an aligned axis."""
         out = []
