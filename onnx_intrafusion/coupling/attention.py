@@ -31,6 +31,7 @@ import math
 
 import onnx_graphsurgeon as gs
 
+from .elementwise import join
 from .rules import int_operand, norm_axis, rule, slice_params
 from .spaces import ChannelAxis, Context
 
@@ -149,8 +150,6 @@ def batched_matmul(ctx: Context, node: gs.Node):
     both operands removes it from the product.  Channels on the two matrix
     axes (contracted or not) mix and block.
     """
-    from .elementwise import join
-
     y = node.outputs[0]
     axes = [ctx.axis_of(t) for t in node.inputs]
     ranks = [ctx.rank(t) for t in node.inputs]
