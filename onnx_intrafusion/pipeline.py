@@ -279,7 +279,7 @@ def prune(
 
         with timer.stage("recover"):
             layers = recover_layers(graph, original, analysis, maps, feeds, recover, alpha=recover_alpha,
-                                    eps=ewr_eps, seed=seed, progress=progress)
+                                    eps=ewr_eps, seed=seed, progress=progress).layers
             pruned = model_io.to_model(graph, original)
             if pruned.ByteSize() < 2**31 - 1:
                 onnx.checker.check_model(pruned, full_check=True)

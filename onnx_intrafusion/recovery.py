@@ -119,6 +119,23 @@ def conv_rows(x: np.ndarray, y: np.ndarray, lin: Linear, positions: np.ndarray |
     """im2col patches ``(n, G, d)`` of input ``x`` (N, C, H, W) and the matching rows of ``y`` (n, Cout).
 
     ``positions`` are flat output positions to keep per image (``None``: all).
+    """
+    return conv_patches(x, lin, positions, kernel, y.shape[2:]), conv_targets(y, positions)
+
+
+def conv_targets(y: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    """Rows ``(n, Cout)`` of a conv output ``y`` (N, Cout, Ho, Wo) at the flat ``positions`` of every image."""
+    n_img, c_out = y.shape[:2]
+    flat = y.reshape(n_img, c_out, -1)
+    if positions is not None:
+        flat = flat[:, :, positions]
+    return flat.transpose(0, 2, 1).reshape(-1, c_out)
+
+
+def conv_patches(x: np.ndarray, lin: Linear, positions: np.ndarray | None, kernel: tuple[int, int],
+                 out_hw: tuple[int, int]) -> np.ndarray:
+    """im2col patches ``(n, G, d)`` of ``x`` (N, C, H, W) at the flat output ``positions`` (``None``: all).
+
     A 1x1 stride-1 unpadded conv takes the fast path (no patches).
     """
     n_img, c_in, h, w = x.shape
@@ -126,21 +143,19 @@ def conv_rows(x: np.ndarray, y: np.ndarray, lin: Linear, positions: np.ndarray |
     strides = list(attrs.get("strides", [1, 1]))
     dil = list(attrs.get("dilations", [1, 1]))
     pads = _conv_pads(attrs, (h, w), kernel, strides, dil)
-    ho, wo = y.shape[2], y.shape[3]
+    ho, wo = out_hw
     pos = np.arange(ho * wo) if positions is None else positions
     oy, ox = pos // wo, pos % wo
-    yr = y.reshape(n_img, y.shape[1], ho * wo)[:, :, pos].transpose(0, 2, 1).reshape(-1, y.shape[1])
     if kernel == (1, 1) and strides == [1, 1] and not any(pads):
         xr = x.reshape(n_img, c_in, h * w)[:, :, oy * w + ox].transpose(0, 2, 1)
-        return xr.reshape(-1, lin.groups, c_in // lin.groups), yr
+        return xr.reshape(-1, lin.groups, c_in // lin.groups)
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     kh, kw = kernel
     iy = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]  # (P, kh)
     ix = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]  # (P, kw)
     patches = xp[:, :, iy[:, :, None], ix[:, None, :]]  # (N, C, P, kh, kw)
     patches = patches.transpose(0, 2, 1, 3, 4)  # (N, P, C, kh, kw)
-    xr = patches.reshape(n_img * len(pos), lin.groups, (c_in // lin.groups) * kh * kw)
-    return xr, yr
+    return patches.reshape(n_img * len(pos), lin.groups, (c_in // lin.groups) * kh * kw)
 
 
 def linear_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
