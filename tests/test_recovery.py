@@ -173,3 +173,18 @@ def test_waves_give_the_same_weights_as_one_layer_at_a_time(name):
         np.testing.assert_allclose(w, lean[0][node], rtol=1e-5, atol=1e-6, err_msg=node)
     assert [r.kept for r in waves[1].layers] == [r.kept for r in one[1].layers]
     assert waves[1].model.after == pytest.approx(one[1].model.after, rel=1e-4)
+
+
+def test_prune_reports_held_back_distortion_and_what_was_kept():
+    from onnx_intrafusion import prune
+
+    data = _shortcut_data(80, 1.0, 0)
+    data["x"][::2, [1, 3]] *= -1  # half the samples anti-correlated: the shortcut fold cannot hold
+    report = prune(_shortcut_model(), 0.5, method="prune", calibration=data, recover_alpha=1e-9,
+                   validate=False).report.to_dict()
+    whole = report["recovery_model"]
+    assert whole["held_back_samples"] == 8 and whole["measure"] == "KL"
+    assert whole["kept"] == ("recovered" if whole["after"] <= whole["before"] else "unrecovered")
+    rows = {r["node"]: r for r in report["recovery"]}
+    assert rows["fc2"]["held_back_rows"] == 8 and rows["fc2"]["rows"] == 72
+    assert rows["fc2"]["kept"] in ("recovered", "unrecovered")
