@@ -133,6 +133,7 @@ class LayerRecovery:
     held_back_before: float | None = None  # on held-back rows (never fitted on)
     held_back_after: float | None = None
     kept: str = RECOVERED  # "unrecovered": the held-back error got worse, the old weights stay
+    alpha: float | None = None  # ridge strength used (lstsq picks it on held-back rows)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -627,9 +628,9 @@ def _solve(layer: _Layer, mode: str, alpha: float, eps: float, undo: _Undo, chec
     """Fit on the fit rows; keep the old weights when the held-back rows say the fit is worse."""
     prior = recovery.augment(layer.lin, layer.fit_bias)
     with _one_blas_thread():
-        new = recovery.solve(mode, layer.fit, prior, alpha, eps)
+        new, used = recovery.solve_validated(mode, layer.fit, layer.held if check else None, prior, alpha, eps)
     row = LayerRecovery(layer.node.name, layer.node.op, layer.fit.n, round(layer.fit.relative_error(prior), 6),
-                        round(layer.fit.relative_error(new), 6))
+                        round(layer.fit.relative_error(new), 6), alpha=used)
     if layer.held.n:
         row.held_back_rows = layer.held.n
         row.held_back_before = round(layer.held.relative_error(prior), 6)

@@ -320,6 +320,30 @@ def solve(mode: str, stats: Stats, prior: np.ndarray, alpha: float = DEFAULT_ALP
     return new
 
 
+#: Ridge strengths tried, as multiples of ``alpha``, when held-back rows can choose between them.
+ALPHA_STEPS = (1.0, 10.0, 100.0)
+
+
+def solve_validated(mode: str, stats: Stats, held: Stats | None, prior: np.ndarray, alpha: float = DEFAULT_ALPHA,
+                    eps: float = DEFAULT_EWR_EPS) -> tuple[np.ndarray, float]:
+    """(weights, ridge used): with held-back statistics, lstsq keeps the ``ALPHA_STEPS`` ridge that predicts them best.
+
+    A fixed ridge relative to the mean input energy is too weak when a
+    layer has few informative rows for its width (short sequences, wide
+    FFN inputs): the fit then follows noise.  The held-back rows pick the
+    strength per layer; the first (weakest) wins ties.
+    """
+    if mode != "lstsq" or held is None or not held.n:
+        return solve(mode, stats, prior, alpha, eps), alpha
+    best = None
+    for step in ALPHA_STEPS:
+        new = solve(mode, stats, prior, alpha * step, eps)
+        err = held.relative_error(new)
+        if best is None or err < best[0]:
+            best = (err, new, alpha * step)
+    return best[1], best[2]
+
+
 def output_map(segments, space_group: dict[int, int], maps: dict, sizes: dict[int, int]) -> np.ndarray | None:
     """``M`` (C_new x C_old) of a channel axis: block-diagonal ``average ⊗ I_block`` per segment.
 
