@@ -378,10 +378,11 @@ class _Layer:
     fit: recovery.Stats
     held: recovery.Stats
     selected: dict[int, tuple] = field(default_factory=dict)  # batch -> (rows or positions, target rows, out hw)
+    rng: np.random.Generator | None = None
 
-    def select(self, b: int, y: np.ndarray, feed: dict, per_image: int, masks: list[str], seed: int) -> None:
-        """Choose and store this batch's target rows (seeded per layer and batch: any schedule picks the same)."""
-        rng = np.random.default_rng([seed, self.index, b])
+    def select(self, b: int, y: np.ndarray, feed: dict, per_image: int, masks: list[str]) -> None:
+        """Choose and store this batch's target rows (batches come in order: any schedule picks the same rows)."""
+        rng = self.rng
         if self.lin.kind == "Conv":
             positions = y.shape[2] * y.shape[3]
             pos = None if per_image >= positions else np.sort(rng.choice(positions, per_image, replace=False))
@@ -548,6 +549,9 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
     if target == "kept":
         maps = {gid: selection(m.size, m.kept) for gid, m in maps.items()}
     pending = [_make_layer(i, n, analysis, maps, sizes, graph_outputs, mode, seed) for i, n in enumerate(nodes)]
+    anc = _ancestors(graph)
+    for i, layer in enumerate(_wave_order(pending, anc)):  # row samples seeded by the order layers are solved in
+        layer.rng = np.random.default_rng([seed, i])
     holdback = list(holdback or [])
     batches = list(feeds) + holdback
     n_fit = len(feeds)
@@ -561,7 +565,6 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
     if holdback:
         reference = _outputs(original, holdback)
         before = output_distortion(reference, _outputs(model_io.to_model(graph, original, infer=False), holdback))
-    anc = _ancestors(graph)
     stored: list[_Layer] = []  # layers whose targets are in memory
     runner = _Runner(batches, lambda: budget_total - sum(l.target_bytes(per_image * n_all) for l in stored),
                      cache=not one_at_a_time)
@@ -569,14 +572,13 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
     results: list[LayerRecovery] = []
     done = 0
     while pending:
-        names = {l.node.name for l in pending}
-        wave = [l for l in pending if not (anc[l.node.name] & names)]
+        wave = _next_wave(pending, anc)
         wave = wave[:1] if one_at_a_time else wave
         pending = [l for l in pending if l not in wave]
         missing = [l for l in wave if l not in stored]
         if missing:
             _collect_targets(original, batches, missing, [] if one_at_a_time else pending, stored,
-                             budget_total, per_image * n_all, per_image, masks, seed)
+                             budget_total, per_image * n_all, per_image, masks)
         model = model_io.to_model(graph, original, infer=False)
         with _one_blas_thread():
             for b, xs in runner.run(model, [l.node.inputs[0].name for l in wave]):
@@ -598,9 +600,24 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
     return RecoveryResult(results, model_record)
 
 
+def _next_wave(pending: list[_Layer], anc: dict[str, set[str]]) -> list[_Layer]:
+    """The pending layers none of whose upstream layers are pending."""
+    names = {l.node.name for l in pending}
+    return [l for l in pending if not (anc[l.node.name] & names)]
+
+
+def _wave_order(layers: list[_Layer], anc: dict[str, set[str]]) -> list[_Layer]:
+    order, pending = [], list(layers)
+    while pending:
+        wave = _next_wave(pending, anc)
+        order += wave
+        pending = [l for l in pending if l not in wave]
+    return order
+
+
 def _collect_targets(original: onnx.ModelProto, batches: list[dict], needed: list[_Layer], more: list[_Layer],
                      stored: list[_Layer],
-                     budget: int, rows: int, per_image: int, masks: list[str], seed: int) -> None:
+                     budget: int, rows: int, per_image: int, masks: list[str]) -> None:
     """One pass of the original model storing the target rows of ``needed`` and of as many ``more`` as fit."""
     chunk = list(needed)
     used = sum(l.target_bytes(rows) for l in stored + chunk)
@@ -616,7 +633,7 @@ def _collect_targets(original: onnx.ModelProto, batches: list[dict], needed: lis
     runner = _Runner(batches, lambda: 0, cache=False)
     for b, ys in runner.run(original, wanted):
         for layer in chunk:
-            layer.select(b, ys[layer.target], batches[b], per_image, masks, seed)
+            layer.select(b, ys[layer.target], batches[b], per_image, masks)
     stored.extend(chunk)
 
 
