@@ -10,7 +10,12 @@ spatial positions (at most ``max_rows`` rows per layer).
 
 Recovery runs in *waves* from the input towards the output: a wave holds the
 layers none of whose upstream layers are still waiting, so every layer is
-solved on the real inputs of the already-recovered pruned model.
+solved on the real inputs of the already-recovered pruned model.  A wave
+runs only its slice of the pruned graph (from tensors the previous wave
+left, kept within a memory budget), and the original model's target rows
+of many layers come from one pass.  Recovery fits on the calibration
+batches and is checked on held-back ones, per layer and for the whole
+model's outputs; what got worse there is put back.
 """
 
 from __future__ import annotations
@@ -324,9 +329,6 @@ class _Runner:
         self.batches, self.budget, self.use_cache = batches, budget, cache
         self.cache: dict[str, list[np.ndarray]] = {}
         self.done: set[str] = set()  # outputs of the nodes whose results are cached or consumed
-
-    def cached_bytes(self) -> int:
-        return sum(a.nbytes for arrays in self.cache.values() for a in arrays)
 
     def run(self, model: onnx.ModelProto, wanted: list[str]):
         """Yield ``(batch index, {name: array})`` for every batch."""
