@@ -184,21 +184,22 @@ class Stats:
     def add(self, x: np.ndarray, t: np.ndarray) -> None:
         """``x`` (n, G, d) inputs, ``t`` (n, G, out_g) targets."""
         n = x.shape[0]
-        xa = x.astype(np.float64)
+        # (G, n, d [+1]) in one float64 copy: one BLAS product per group.
+        xg = np.empty((self.groups, n, self.d + int(self.fit_bias)))
+        xg[:, :, :self.d] = x.transpose(1, 0, 2)
         if self.fit_bias:
-            xa = np.concatenate([xa, np.ones((n, self.groups, 1))], axis=2)
-        t = t.astype(np.float64)
-        xg = np.ascontiguousarray(xa.transpose(1, 0, 2))  # (G, n, d): one BLAS product per group
-        tg = np.ascontiguousarray(t.transpose(1, 0, 2))
-        self.gram += np.matmul(xg.transpose(0, 2, 1), xg)
-        self.cross += np.matmul(xg.transpose(0, 2, 1), tg)
+            xg[:, :, self.d] = 1.0
+        tg = np.ascontiguousarray(t.transpose(1, 0, 2), dtype=np.float64)
+        xt = xg.transpose(0, 2, 1)
+        self.gram += np.matmul(xt, xg)
+        self.cross += np.matmul(xt, tg)
         self.tt += np.einsum("gno,gno->g", tg, tg)
         self.n += n
         if self.keep_rows and self.kept < self.keep_rows:
             take = min(n, self.keep_rows - self.kept)
             idx = self.rng.choice(n, take, replace=False) if take < n else np.arange(n)
-            self.sample_x.append(xa[idx])
-            self.sample_t.append(t[idx])
+            self.sample_x.append(xg.transpose(1, 0, 2)[idx])
+            self.sample_t.append(tg.transpose(1, 0, 2)[idx])
             self.kept += take
 
     def residual(self, w_aug: np.ndarray) -> np.ndarray:
