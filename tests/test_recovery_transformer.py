@@ -122,7 +122,7 @@ def test_lstsq_beats_data_free_on_transformer_ffn_pruning(tmp_path, kind, dynamo
     try:
         net, data = (_text_encoder(), _tokens) if kind == "text" else (_vit(), _images)
         rng = np.random.default_rng(0)
-        calib, test = data(160, rng), data(64, rng)
+        calib, test = data(96, rng), data(32, rng)
         path = tmp_path / f"{kind}.onnx"
         _export(net, calib, path, dynamo)
     finally:
