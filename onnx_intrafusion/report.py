@@ -233,7 +233,8 @@ class Report:
             before = max(r["error_before"] for r in self.recovery)
             after = max(r["error_after"] for r in self.recovery)
             lines.append("")
-            lines.append(f"recovery {o.get('recover')} on {o.get('calibration_samples')} calibration samples: "
+            samples = (self.calibration or {}).get("samples", o.get("calibration_samples"))
+            lines.append(f"recovery {o.get('recover')} on {samples} calibration samples: "
                          f"{len(self.recovery)} layers re-solved, worst relative output error "
                          f"{before:.3f} -> {after:.3f}")
             rejected = sum(r.get("kept") == "unrecovered" for r in self.recovery)
