@@ -4,7 +4,8 @@ A BERT-style encoder (token + position embeddings, LayerNorm, multi-head
 attention with an attention mask, GELU FFN, post-residual LayerNorms) on
 padded token sequences, and a ViT-style encoder on images (patch embedding
 conv, same blocks, mean pooling, class scores), both exported with both
-torch exporters.  FFN neurons are pruned at 0.3; recovery with calibration
+torch exporters.  Every prunable group (attention heads and FFN neurons)
+is pruned at 0.3; recovery with calibration
 data must end up closer to the original model than data-free pruning on
 samples the fit never saw, by its own fit (kept "recovered"), not by the
 never-worse fallback.
@@ -115,7 +116,7 @@ def _export(net, example: dict[str, np.ndarray], path, dynamo: bool) -> None:
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 @pytest.mark.parametrize("kind", ["text", "vit"])
-def test_lstsq_beats_data_free_on_transformer_ffn_pruning(tmp_path, kind, dynamo):
+def test_lstsq_beats_data_free_on_transformer_pruning(tmp_path, kind, dynamo):
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
