@@ -247,14 +247,16 @@ def prune(
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
-    layers = []
+    layers, result = [], None
     if opts.recover != "none":
         from .activations import recover as recover_layers
 
         with timer.stage("recover"):
-            layers = recover_layers(graph, original, analysis, maps, feeds, opts.recover,
+            fit, held = _recovery_split(calib, original, opts.seed)
+            result = recover_layers(graph, original, analysis, maps, fit, opts.recover, holdback=held,
                                     alpha=opts.recover_alpha or 1e-3, eps=opts.ewr_eps or 0.05, seed=opts.seed,
                                     progress=progress)
+            layers = result.layers
             pruned = model_io.to_model(graph, original)
             if pruned.ByteSize() < 2**31 - 1:
                 onnx.checker.check_model(pruned, full_check=True)
@@ -272,6 +274,8 @@ def prune(
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
     if layers:
         report.attach_recovery(layers, analysis)
+    if result is not None and result.model is not None:
+        report.recovery_model = result.model.to_dict()
     with timer.stage("stats"):
         report.set_stats(params_count(original), mac_count(original), params_count(pruned), mac_count(pruned))
     if opts.validate:
@@ -282,6 +286,25 @@ def prune(
             report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real).to_dict()
     report.timings = timer.timings
     return PruneResult(model=pruned, report=report, external_data=loaded.external_data)
+
+
+def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int
+                    ) -> tuple[list[dict], list[dict] | None]:
+    """(fit batches, held-back batches): recovery fits on the first and is checked on the second.
+
+    The split is the one validation uses.  With a single sample, or fewer
+    held-back samples than a fixed batch size, nothing can be held back.
+    """
+    from . import calibration as calibration_mod
+
+    if calibration_mod.sample_count(calib) < 2:
+        return calibration_mod.batches(calib, model), None
+    fit, held = calibration_mod.split_holdback(calib, seed=seed)
+    try:
+        held_batches = calibration_mod.batches(held, model)
+    except UsageError:
+        return calibration_mod.batches(calib, model), None
+    return calibration_mod.batches(fit, model), held_batches
 
 
 #: At most this many held-back calibration samples are used to validate.
