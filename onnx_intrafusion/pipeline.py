@@ -96,8 +96,12 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 importance: str, seed: int = 0, selected: set[int] | None = None, ot_reg: float = 0.0,
                 ot_p: float = 1.0, marginals: str = "uniform", round_to: int = 1,
                 progress: Progress | None = None, keeps: dict[int, int] | None = None,
-                given_scores: dict[int, np.ndarray] | None = None) -> dict[int, plans.ChannelMap]:
+                given_scores: dict[int, np.ndarray] | None = None, kind_sparsity: dict[str, float] | None = None,
+                kind_method: dict[str, str] | None = None) -> dict[int, plans.ChannelMap]:
     """A channel map for every prunable (and selected) group.
+
+    ``kind_sparsity`` / ``kind_method`` override ``sparsity`` / ``method`` for
+    groups of a kind (``Group.kind``: attention heads, FFN neurons).
 
     ``keeps`` (group id -> channels kept, from :func:`global_keeps`) replaces
     the uniform ``sparsity``; groups missing from it are left unchanged.
@@ -109,7 +113,9 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
-            keep = plans.keep_count(group.size, sparsity, round_to) if keeps is None else keeps.get(group.id, group.size)
+            group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
+            keep = (plans.keep_count(group.size, group_sparsity, round_to) if keeps is None
+                    else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
                 continue
@@ -119,7 +125,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
             scored, features = _group_rows(group, values)
             scores = _scores(group, scored, importance, seed, given_scores)
             kept = importance_mod.top_k(scores, keep)
-            if method == "prune":
+            if (kind_method or {}).get(group.kind, method) == "prune":
                 maps[group.id] = plans.selection(group.size, kept)
             else:
                 mass = scores if marginals == "importance" else None
@@ -269,7 +275,7 @@ def prune(
                                  opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores)
         maps = plan_groups(analysis, values, opts.sparsity, opts.method, opts.importance, opts.seed, selected,
                            opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform", opts.round_to,
-                           progress, keeps, given_scores)
+                           progress, keeps, given_scores, opts.kind_sparsity(), opts.kind_method())
     del values  # the original weights' arrays: free them before the rewrite copies
     if not maps and not opts.allow_unchanged:
         raise NothingToPrune(_nothing_pruned_reason(analysis, selected, opts))
@@ -287,18 +293,19 @@ def prune(
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
-    layers = []
-    distilled = None
+    layers, result, distilled = [], None, None
     if opts.recover != "none":
         from .activations import recover as recover_layers
 
         with timer.stage("recover"):
             start = "lstsq" if opts.recover == "distill" else opts.recover  # distillation starts from lstsq
-            layers = recover_layers(graph, original, analysis, maps, feeds, start,
+            fit, held = _recovery_split(calib, original, opts.seed)
+            result = recover_layers(graph, original, analysis, maps, fit, start, holdback=held,
                                     alpha=opts.recover_alpha or 1e-3, eps=opts.ewr_eps or 0.05, seed=opts.seed,
                                     progress=progress)
+            layers = result.layers
         if opts.recover == "distill":
-            with timer.stage("distill"):
+            with timer.stage("distill"):  # on the same split of the calibration samples
                 distilled = _distill(graph, original, calib, opts, progress)
         pruned = model_io.to_model(graph, original)
         if pruned.ByteSize() < 2**31 - 1:
@@ -317,6 +324,8 @@ def prune(
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
     if layers:
         report.attach_recovery(layers, analysis)
+    if result is not None and result.model is not None:
+        report.recovery_model = result.model.to_dict()
     report.distill = distilled
     with timer.stage("stats"):
         report.set_stats(params_count(original), mac_count(original), params_count(pruned), mac_count(pruned))
@@ -328,6 +337,25 @@ def prune(
             report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real).to_dict()
     report.timings = timer.timings
     return PruneResult(model=pruned, report=report, external_data=loaded.external_data)
+
+
+def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int
+                    ) -> tuple[list[dict], list[dict] | None]:
+    """(fit batches, held-back batches): recovery fits on the first and is checked on the second.
+
+    The split is the one validation uses.  With a single sample, or fewer
+    held-back samples than a fixed batch size, nothing can be held back.
+    """
+    from . import calibration as calibration_mod
+
+    if calibration_mod.sample_count(calib) < 2:
+        return calibration_mod.batches(calib, model), None
+    fit, held = calibration_mod.split_holdback(calib, seed=seed)
+    try:
+        held_batches = calibration_mod.batches(held, model)
+    except UsageError:
+        return calibration_mod.batches(calib, model), None
+    return calibration_mod.batches(fit, model), held_batches
 
 
 #: At most this many held-back calibration samples are used to validate.
