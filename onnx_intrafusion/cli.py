@@ -76,8 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="intrafusion",
                    help="intrafusion: merge removed channels into kept ones (default); prune: drop them")
     p.add_argument("--importance", choices=(*WEIGHT_IMPORTANCES, *DATA_IMPORTANCES), default="l1",
-                   help="channel importance that picks the kept channels (default l1); activation = mean "
-                   "|activation| on the calibration data (needs --calibration)")
+                   help="channel importance that picks the kept channels (default l1); these need "
+                   "--calibration: activation = mean |activation|, taylor = |activation x gradient| of a "
+                   "label-free loss, prospr = meta-gradient of channel masks through a few SGD steps "
+                   "(ProsPr); taylor and prospr need the torch extra")
+    kinds = p.add_argument_group("transformers: per group kind (uniform allocation)")
+    kinds.add_argument("--head-sparsity", type=float, default=None, metavar="S",
+                       help="fraction of the attention heads removed in every attention (default --sparsity)")
+    kinds.add_argument("--ffn-sparsity", type=float, default=None, metavar="S",
+                       help="fraction of the neurons removed in every per-token MLP/FFN (default --sparsity)")
+    kinds.add_argument("--head-method", choices=METHODS, default=None,
+                       help="how removed heads are handled: prune = dropped (default, measured better), "
+                       "intrafusion = merged into kept heads")
     ot = p.add_argument_group("Intra-Fusion transport (only with --method intrafusion)")
     ot.add_argument("--ot-reg", type=float, default=None,
                     help="entropic regularisation for Sinkhorn, relative to the largest cost; 0 = exact OT (default)")
@@ -109,12 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--recover", choices=RECOVERIES, default=None,
                       help="re-fit each pruned layer on the calibration data, input to output: bias = mean "
                       "shift, lstsq = ridge least squares (default with --calibration), ewr = entropic "
-                      "Wasserstein regression (SWAP); none without --calibration")
+                      "Wasserstein regression (SWAP); distill = lstsq, then fine-tune all weights to match "
+                      "the original model's outputs (torch extra); none without --calibration")
     data.add_argument("--recover-alpha", type=float, default=None,
                       help="lstsq/ewr: ridge strength towards the fused weights, relative to the input energy "
                       "(default 1e-3)")
     data.add_argument("--ewr-eps", type=float, default=None,
                       help="ewr: entropic regulariser, relative to the mean transport cost (default 0.05)")
+    data.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
+                      help="distill: epochs over the calibration data (default 10)")
+    data.add_argument("--finetune-time", type=float, default=None, metavar="SECONDS",
+                      help="distill: stop after this many seconds (the best epoch so far is kept)")
     out = p.add_argument_group("output and validation")
     out.add_argument("--report", metavar="REPORT.json",
                      help="also write the report as JSON ('-': to stdout; the table then goes to stderr)")

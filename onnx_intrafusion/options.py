@@ -26,10 +26,14 @@ from .errors import ProviderError, UsageError
 from .importance import IMPORTANCES as WEIGHT_IMPORTANCES
 from .plans import MARGINALS, METHODS
 
-#: Importances computed from calibration data (need --calibration).
-DATA_IMPORTANCES = ("activation",)
-#: Recovery modes (``recovery.MODES``; listed here so that checking options does not import POT).
-RECOVERIES = ("none", "bias", "lstsq", "ewr")
+#: Importances computed from calibration data (need --calibration); the gradient ones need torch.
+GRADIENT_IMPORTANCES = ("taylor", "prospr")
+DATA_IMPORTANCES = ("activation", *GRADIENT_IMPORTANCES)
+#: Recovery modes (``recovery.MODES``, plus distill = lstsq then gradient fine-tuning; listed here so
+#: that checking options does not import POT or torch).
+RECOVERIES = ("none", "bias", "lstsq", "ewr", "distill")
+#: Distillation epochs when finetune_epochs is not given.
+DEFAULT_FINETUNE_EPOCHS = 10
 PROVIDERS = ("auto", "cpu", "cuda")
 
 #: Fewer calibration samples than this get a warning (a few hundred are recommended).
@@ -42,6 +46,10 @@ class Options:
 
     sparsity: float = 0.5
     method: str = "intrafusion"
+    # Per group kind (see coupling.KINDS), with uniform allocation: overrides of sparsity and method
+    head_sparsity: float | None = None
+    ffn_sparsity: float | None = None
+    head_method: str | None = None  # default "prune": merging heads measured worse (docs/results/attention_heads.json)
     importance: str = "l1"
     seed: int = 0
     groups: tuple[int, ...] | None = None
@@ -59,6 +67,9 @@ class Options:
     recover: str | None = None
     recover_alpha: float | None = None
     ewr_eps: float | None = None
+    # Distillation (only with recover="distill")
+    finetune_epochs: int | None = None
+    finetune_time: float | None = None
     # Validation
     validate: bool = True
     provider: str = "auto"
@@ -86,6 +97,14 @@ class Options:
                 raise UsageError(f"groups must be a list of group ids (non-negative integers), got {self.groups!r}")
         _integer(self.round_to, "round-to", 1)
         _choice(self.allocation, "allocation", ALLOCATIONS)
+        for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity)):
+            if value is not None:
+                _number(value, name, 0.0, 1.0, high_open=True)
+                if self.allocation == "global":
+                    raise UsageError(f"--{name} only applies to uniform allocation (--global ranks every kind "
+                                     f"of group together under one --sparsity)")
+        if self.head_method is not None:
+            _choice(self.head_method, "head method", METHODS)
         if self.provider not in PROVIDERS:  # the provider's own error class (exit 7), as validate raises it
             raise ProviderError(f"unknown provider '{self.provider}' (choose from {', '.join(PROVIDERS)})")
 
@@ -127,17 +146,28 @@ class Options:
             _integer(self.calibration_samples, "calibration-samples", 1)
         recover = self.recover or ("lstsq" if has_calibration else "none")
         if self.recover_alpha is not None:
-            if recover not in ("lstsq", "ewr"):
-                raise UsageError(f"--recover-alpha only applies to --recover lstsq or ewr, not {recover}")
+            if recover not in ("lstsq", "ewr", "distill"):
+                raise UsageError(f"--recover-alpha only applies to --recover lstsq, ewr or distill, not {recover}")
             _number(self.recover_alpha, "recover-alpha", 0.0, math.inf, low_open=True)
         if self.ewr_eps is not None:
             if recover != "ewr":
                 raise UsageError(f"--ewr-eps only applies to --recover ewr, not {recover}")
             _number(self.ewr_eps, "ewr-eps", 0.0, math.inf, low_open=True)
+        distill = recover == "distill"
+        for name, value in (("finetune-epochs", self.finetune_epochs), ("finetune-time", self.finetune_time)):
+            if value is not None and not distill:
+                raise UsageError(f"--{name} only applies to --recover distill, not {recover}")
+        if self.finetune_epochs is not None:
+            _integer(self.finetune_epochs, "finetune-epochs", 0)
+        if self.finetune_time is not None:
+            _number(self.finetune_time, "finetune-time", 0.0, math.inf, low_open=True)
 
         return replace(
             self,
             sparsity=float(self.sparsity),
+            head_sparsity=None if self.head_sparsity is None else float(self.head_sparsity),
+            ffn_sparsity=None if self.ffn_sparsity is None else float(self.ffn_sparsity),
+            head_method=self.head_method or "prune",
             groups=None if self.groups is None else tuple(sorted({int(g) for g in self.groups})),
             ot_reg=(0.0 if self.ot_reg is None else float(self.ot_reg)) if fusion else None,
             ot_p=(1.0 if self.ot_p is None else float(self.ot_p)) if fusion else None,
@@ -147,9 +177,21 @@ class Options:
             if is_global else None,
             recover=recover,
             recover_alpha=(1e-3 if self.recover_alpha is None else float(self.recover_alpha))
-            if recover in ("lstsq", "ewr") else None,
+            if recover in ("lstsq", "ewr", "distill") else None,
             ewr_eps=(0.05 if self.ewr_eps is None else float(self.ewr_eps)) if recover == "ewr" else None,
+            finetune_epochs=(DEFAULT_FINETUNE_EPOCHS if self.finetune_epochs is None else int(self.finetune_epochs))
+            if distill else None,
+            finetune_time=None if self.finetune_time is None else float(self.finetune_time),
         )
+
+    def kind_sparsity(self) -> dict[str, float]:
+        """Sparsity per group kind that differs from ``sparsity`` (resolved options)."""
+        given = {"head": self.head_sparsity, "ffn": self.ffn_sparsity}
+        return {kind: s for kind, s in given.items() if s is not None}
+
+    def kind_method(self) -> dict[str, str]:
+        """Method per group kind that differs from ``method`` (resolved options)."""
+        return {"head": self.head_method} if self.head_method else {}
 
     def to_dict(self) -> dict:
         """JSON-ready, every field (``None`` = does not apply to this run)."""

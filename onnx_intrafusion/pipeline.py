@@ -12,7 +12,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ import onnx
 from . import allocation as allocation_mod, coupling, importance as importance_mod, model_io, plans, rewrite
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
 from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
-from .options import FEW_CALIBRATION_SAMPLES, Options
+from .options import DATA_IMPORTANCES, FEW_CALIBRATION_SAMPLES, GRADIENT_IMPORTANCES, Options
 from .progress import Progress, as_progress
 from .report import GroupRow, Report, mac_count, params_count
 
@@ -78,7 +78,7 @@ def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
     if given is not None and group.id in given:
         return given[group.id]
     rng = np.random.default_rng([seed, group.id])
-    return importance_mod.group_scores(scored, "l1" if importance == "activation" else importance, rng)
+    return importance_mod.group_scores(scored, "l1" if importance in DATA_IMPORTANCES else importance, rng)
 
 
 def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
@@ -96,8 +96,12 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 importance: str, seed: int = 0, selected: set[int] | None = None, ot_reg: float = 0.0,
                 ot_p: float = 1.0, marginals: str = "uniform", round_to: int = 1,
                 progress: Progress | None = None, keeps: dict[int, int] | None = None,
-                given_scores: dict[int, np.ndarray] | None = None) -> dict[int, plans.ChannelMap]:
+                given_scores: dict[int, np.ndarray] | None = None, kind_sparsity: dict[str, float] | None = None,
+                kind_method: dict[str, str] | None = None) -> dict[int, plans.ChannelMap]:
     """A channel map for every prunable (and selected) group.
+
+    ``kind_sparsity`` / ``kind_method`` override ``sparsity`` / ``method`` for
+    groups of a kind (``Group.kind``: attention heads, FFN neurons).
 
     ``keeps`` (group id -> channels kept, from :func:`global_keeps`) replaces
     the uniform ``sparsity``; groups missing from it are left unchanged.
@@ -109,7 +113,9 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
-            keep = plans.keep_count(group.size, sparsity, round_to) if keeps is None else keeps.get(group.id, group.size)
+            group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
+            keep = (plans.keep_count(group.size, group_sparsity, round_to) if keeps is None
+                    else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
                 continue
@@ -119,7 +125,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
             scored, features = _group_rows(group, values)
             scores = _scores(group, scored, importance, seed, given_scores)
             kept = importance_mod.top_k(scores, keep)
-            if method == "prune":
+            if (kind_method or {}).get(group.kind, method) == "prune":
                 maps[group.id] = plans.selection(group.size, kept)
             else:
                 mass = scores if marginals == "importance" else None
@@ -138,6 +144,37 @@ def _warn_custom_ops(graph, analysis: Analysis) -> None:
         warnings.warn(PruneWarning(
             f"{len(nodes)} custom-domain op(s) read pruned channels ({', '.join(nodes[:3])}{more}): "
             f"the {len(touched)} channel group(s) they touch are left unpruned"), stacklevel=3)
+
+
+def _gradients():
+    """The torch-based stages (:mod:`finetune`), or a one-line error telling how to get them."""
+    try:
+        from . import finetune
+    except ImportError as exc:
+        if "torch" not in str(exc):
+            raise
+        raise UsageError("--recover distill and --importance taylor/prospr need torch: "
+                         "pip install onnx-intrafusion[torch]") from None
+    return finetune
+
+
+def _distill(graph, original: onnx.ModelProto, calib: dict[str, np.ndarray], opts: Options,
+             progress: Progress) -> dict:
+    """Fine-tune the pruned graph's weights in place towards the original's outputs; returns the record."""
+    from . import calibration as calibration_mod
+    from .differentiable import assign
+
+    fit, held = calibration_mod.split_holdback(calib, seed=opts.seed)
+    with progress.steps("distillation epochs", opts.finetune_epochs) as steps:
+        def epoch_done(epoch: int, total: int, loss: float, held_back: float) -> None:
+            steps.advance(detail=f"loss {loss:.4g}, held-back distortion {held_back:.4g}")
+
+        weights, record = _gradients().distill(graph, original, fit, held, epochs=opts.finetune_epochs,
+                                               time_budget=opts.finetune_time, seed=opts.seed,
+                                               progress=epoch_done)
+    assign(graph, weights)
+    record["weights_changed"] = len(weights)
+    return record
 
 
 def prune(
@@ -172,6 +209,14 @@ def prune(
     channels (see :mod:`onnx_intrafusion.allocation`).  A run that would
     prune nothing raises :class:`NothingToPrune` unless
     ``allow_unchanged=True``.
+
+    Gradient options (the ``torch`` extra): ``recover="distill"`` runs
+    lstsq and then fine-tunes the pruned weights towards the original
+    model's outputs for ``finetune_epochs`` epochs (at most
+    ``finetune_time`` seconds), keeping the weights with the lowest
+    distortion on held-back calibration samples; ``importance="taylor"`` or
+    ``"prospr"`` scores channels from gradients (see
+    :mod:`onnx_intrafusion.finetune`).
     """
     from . import calibration as calibration_mod
 
@@ -180,6 +225,8 @@ def prune(
     elif option_fields or (sparsity, method, importance) != (0.5, "intrafusion", "l1"):
         raise UsageError("give the options either as keywords or as options=Options(...), not both")
     opts = options.resolve(has_calibration=calibration is not None)
+    if opts.recover == "distill" or opts.importance in GRADIENT_IMPORTANCES:
+        _gradients()  # torch missing: say so before any work
     calib = None if calibration is None else calibration_mod.read(calibration, opts.calibration_samples)
     if calib is not None and calibration_mod.sample_count(calib) < FEW_CALIBRATION_SAMPLES:
         warnings.warn(PruneWarning(
@@ -216,6 +263,11 @@ def prune(
         with timer.stage("activations"):
             ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
             given_scores = activation_scores(original, graph, analysis, feeds, ids)
+    elif opts.importance in GRADIENT_IMPORTANCES:
+        with timer.stage(opts.importance):
+            ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+            given_scores = _gradients().IMPORTANCES[opts.importance](graph, original, analysis, calib, ids,
+                                                                     seed=opts.seed)
     with timer.stage("plan"):
         keeps = None
         if opts.allocation == "global":
@@ -223,7 +275,7 @@ def prune(
                                  opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores)
         maps = plan_groups(analysis, values, opts.sparsity, opts.method, opts.importance, opts.seed, selected,
                            opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform", opts.round_to,
-                           progress, keeps, given_scores)
+                           progress, keeps, given_scores, opts.kind_sparsity(), opts.kind_method())
     del values  # the original weights' arrays: free them before the rewrite copies
     if not maps and not opts.allow_unchanged:
         raise NothingToPrune(_nothing_pruned_reason(analysis, selected, opts))
@@ -241,17 +293,23 @@ def prune(
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
-    layers = []
+    layers, result, distilled = [], None, None
     if opts.recover != "none":
         from .activations import recover as recover_layers
 
         with timer.stage("recover"):
-            layers = recover_layers(graph, original, analysis, maps, feeds, opts.recover,
+            start = "lstsq" if opts.recover == "distill" else opts.recover  # distillation starts from lstsq
+            fit, held = _recovery_split(calib, original, opts.seed)
+            result = recover_layers(graph, original, analysis, maps, fit, start, holdback=held,
                                     alpha=opts.recover_alpha or 1e-3, eps=opts.ewr_eps or 0.05, seed=opts.seed,
                                     progress=progress)
-            pruned = model_io.to_model(graph, original)
-            if pruned.ByteSize() < 2**31 - 1:
-                onnx.checker.check_model(pruned, full_check=True)
+            layers = result.layers
+        if opts.recover == "distill":
+            with timer.stage("distill"):  # on the same split of the calibration samples
+                distilled = _distill(graph, original, calib, opts, progress)
+        pruned = model_io.to_model(graph, original)
+        if pruned.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(pruned, full_check=True)
 
     report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
     if calib is not None:
@@ -266,6 +324,9 @@ def prune(
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
     if layers:
         report.attach_recovery(layers, analysis)
+    if result is not None and result.model is not None:
+        report.recovery_model = result.model.to_dict()
+    report.distill = distilled
     with timer.stage("stats"):
         report.set_stats(params_count(original), mac_count(original), params_count(pruned), mac_count(pruned))
     if opts.validate:
@@ -276,6 +337,25 @@ def prune(
             report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real).to_dict()
     report.timings = timer.timings
     return PruneResult(model=pruned, report=report, external_data=loaded.external_data)
+
+
+def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int
+                    ) -> tuple[list[dict], list[dict] | None]:
+    """(fit batches, held-back batches): recovery fits on the first and is checked on the second.
+
+    The split is the one validation uses.  With a single sample, or fewer
+    held-back samples than a fixed batch size, nothing can be held back.
+    """
+    from . import calibration as calibration_mod
+
+    if calibration_mod.sample_count(calib) < 2:
+        return calibration_mod.batches(calib, model), None
+    fit, held = calibration_mod.split_holdback(calib, seed=seed)
+    try:
+        held_batches = calibration_mod.batches(held, model)
+    except UsageError:
+        return calibration_mod.batches(calib, model), None
+    return calibration_mod.batches(fit, model), held_batches
 
 
 #: At most this many held-back calibration samples are used to validate.
