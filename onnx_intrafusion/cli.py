@@ -37,6 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .deploy import QUANTIZE, TARGETS
     from .importance import IMPORTANCES
     from .plans import MARGINALS, METHODS
 
@@ -61,9 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ot-p", type=float, default=1.0, help="Minkowski p of the transport ground cost (default 1)")
     p.add_argument("--marginals", choices=MARGINALS, default="uniform",
                    help="transport marginals: uniform (default) or importance-weighted")
-    p.add_argument("--round-to", type=int, default=1, metavar="N",
-                   help="every pruned group keeps a multiple of N channels (default 1); 8 or 16 suit GPU "
-                   "tensor cores and int8 kernels, whose fast paths want channel counts in such multiples")
+    p.add_argument("--target", choices=TARGETS, default="auto",
+                   help="runtime the model is for; sets the channel multiple its fast kernels need (auto = "
+                   "the validation provider on this CPU: 16 with AVX-512, 8 with AVX2, 8 on CUDA; none = 1)")
+    p.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="every pruned group keeps a multiple of N channels (overrides --target's multiple)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="int8: after pruning, static int8 quantization (QDQ, per-channel weights) on the "
+                   "calibration data (needs --calibration), checked against the original")
+    p.add_argument("--ort-format", action="store_true",
+                   help="also write OUT.ort (onnxruntime's mobile format), checked by loading it")
     p.add_argument("--global", dest="global_allocation", action="store_true",
                    help="global allocation: rank channels across all groups (importance normalised by its "
                    "group mean) and remove the least important until --sparsity of the MACs (or channels, "
@@ -121,6 +129,11 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise OutputError(f"output folder is not writable: {folder}")
     if dst.is_dir():
         raise OutputError(f"output path is a directory: {dst}")
+    if getattr(args, "ort_format", False):
+        from .deploy import ort_path
+
+        if any(_same(p, ort_path(dst)) for p in protected):
+            raise UsageError("OUT.ort would overwrite the input: choose another OUT")
     if args.report:
         report = Path(args.report)
         if any(_same(p, report) for p in [*protected, dst, data]):
@@ -208,6 +221,8 @@ def _run(args: argparse.Namespace) -> int:
         ot_p=args.ot_p,
         marginals=args.marginals,
         round_to=args.round_to,
+        target=args.target,
+        quantize=args.quantize,
         allocation="global" if args.global_allocation else "uniform",
         global_target=args.global_target,
         max_group_sparsity=args.max_group_sparsity,
@@ -221,13 +236,17 @@ def _run(args: argparse.Namespace) -> int:
         ewr_eps=args.ewr_eps,
     )
     written = save_model(result.model, args.output)
-    if args.report:
-        try:
+    try:
+        if args.ort_format:
+            from .deploy import write_ort
+
+            written.append(write_ort(written[0]))
+        if args.report:
             _write_text(Path(args.report), result.report.to_json() + "\n")
-        except BaseException:
-            for path in written:  # all or nothing: no OUT without the report that was asked for
-                path.unlink(missing_ok=True)
-            raise
+    except BaseException:
+        for path in written:  # all or nothing: no OUT without the report or .ort that was asked for
+            path.unlink(missing_ok=True)
+        raise
     if not args.quiet:
         print(result.report.to_text())
         print(f"\nwrote {', '.join(str(p) for p in written)}")

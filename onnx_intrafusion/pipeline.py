@@ -30,11 +30,13 @@ class PruneResult:
     model: onnx.ModelProto
     report: Report
     external_data: bool = False  # the input kept its weights in an external file
+    fp32: onnx.ModelProto | None = None  # with quantize="int8": the pruned model before quantization
 
 
 def check_options(sparsity: float, method: str, importance: str, ot_reg: float = 0.0, ot_p: float = 1.0,
-                  marginals: str = "uniform", round_to: int = 1, allocation: str = "uniform",
-                  global_target: str = "macs", max_group_sparsity: float = 0.9) -> None:
+                  marginals: str = "uniform", round_to: int | None = 1, allocation: str = "uniform",
+                  global_target: str = "macs", max_group_sparsity: float = 0.9, target: str = "auto",
+                  quantize: str = "none", calibration=None) -> None:
     """Raise :class:`UsageError` for an option out of range, before any work."""
     if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0 or np.isnan(sparsity):
         raise UsageError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -48,8 +50,16 @@ def check_options(sparsity: float, method: str, importance: str, ot_reg: float =
         raise UsageError(f"ot-reg must be >= 0, got {ot_reg}")
     if not ot_p >= 1:
         raise UsageError(f"ot-p must be >= 1, got {ot_p}")
-    if int(round_to) < 1:
+    if round_to is not None and int(round_to) < 1:
         raise UsageError(f"round-to must be >= 1, got {round_to}")
+    from . import deploy
+
+    if target not in deploy.TARGETS:
+        raise UsageError(f"unknown target '{target}' (choose from {', '.join(deploy.TARGETS)})")
+    if quantize not in deploy.QUANTIZE:
+        raise UsageError(f"unknown quantization '{quantize}' (choose from {', '.join(deploy.QUANTIZE)})")
+    if quantize != "none" and calibration is None:
+        raise UsageError(f"--quantize {quantize} needs calibration data (--calibration FILE.npz)")
     if allocation not in allocation_mod.ALLOCATIONS:
         raise UsageError(f"unknown allocation '{allocation}' (choose from {', '.join(allocation_mod.ALLOCATIONS)})")
     if global_target not in allocation_mod.TARGETS:
@@ -180,7 +190,9 @@ def prune(
     ot_reg: float = 0.0,
     ot_p: float = 1.0,
     marginals: str = "uniform",
-    round_to: int = 1,
+    round_to: int | None = None,
+    target: str = "auto",
+    quantize: str = "none",
     allocation: str = "uniform",
     global_target: str = "macs",
     max_group_sparsity: float = 0.9,
@@ -209,11 +221,21 @@ def prune(
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
     channels (see :mod:`onnx_intrafusion.allocation`).
+
+    ``target`` (auto/ort-cpu/ort-cuda/openvino/tflite/ncnn/mnn/none) picks the
+    channel multiple every pruned group keeps (:mod:`onnx_intrafusion.deploy`);
+    an explicit ``round_to`` overrides it.  ``quantize="int8"`` (needs
+    ``calibration``) quantizes the pruned model statically; ``model`` is then
+    the int8 model and ``fp32`` the pruned one before quantization.
     """
     from . import calibration as calibration_mod
 
     check_options(sparsity, method, "l1" if importance == "activation" else importance, ot_reg, ot_p, marginals,
-                  round_to, allocation, global_target, max_group_sparsity)
+                  round_to, allocation, global_target, max_group_sparsity, target, quantize, calibration)
+    if round_to is None:
+        from .deploy import channel_multiple
+
+        round_to = channel_multiple(target, provider, quantize)
     calib, recover = calibration_mod.resolve_options(calibration, calibration_samples, recover, importance,
                                                      recover_alpha, ewr_eps)
     if validate:
@@ -222,12 +244,14 @@ def prune(
         check_provider(provider)
     timer = _Timer(progress)
     options = dict(sparsity=sparsity, method=method, importance=importance, seed=seed, ot_reg=ot_reg,
-                   ot_p=ot_p, marginals=marginals, round_to=round_to, allocation=allocation,
+                   ot_p=ot_p, marginals=marginals, target=target, round_to=round_to, allocation=allocation,
                    groups=None if groups is None else sorted(groups))
     if allocation == "global":
         options.update(global_target=global_target, max_group_sparsity=max_group_sparsity)
     if calib is not None:
         options.update(recover=recover, calibration_samples=calibration_mod.sample_count(calib))
+    if quantize != "none":
+        options.update(quantize=quantize)
 
     with timer.stage("load"):
         loaded = model_io.load_model(model)
@@ -303,5 +327,14 @@ def prune(
 
         with timer.stage("validate"):
             report.validation = compare(original, pruned, provider, seed).to_dict()
+    fp32 = None
+    if quantize == "int8":
+        from .deploy import quantize_checked
+
+        with timer.stage("quantize"):
+            fp32 = pruned
+            matched = calibration_mod.match(calib, original)
+            pruned, info = quantize_checked(original, fp32, matched, calibration_mod.batches, provider, seed)
+            report.quantization = info.to_dict()
     report.timings = timer.timings
-    return PruneResult(model=pruned, report=report, external_data=loaded.external_data)
+    return PruneResult(model=pruned, report=report, external_data=loaded.external_data, fp32=fp32)

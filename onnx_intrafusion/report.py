@@ -121,6 +121,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     validation: dict | None = None
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
+    quantization: dict | None = None  # deploy.Quantization, with --quantize
 
     def attach_recovery(self, layers, analysis) -> None:
         """Record per-layer recovery rows and, per group, its consumers' worst errors."""
@@ -141,6 +142,7 @@ class Report:
             "timings_s": self.timings,
             "validation": self.validation,
             **({"recovery": self.recovery} if self.recovery else {}),
+            **({"quantization": self.quantization} if self.quantization else {}),
         }
 
     def to_json(self) -> str:
@@ -157,7 +159,8 @@ class Report:
     def to_text(self, max_rows: int = 40) -> str:
         lines = []
         o = self.options
-        lines.append(f"method={o.get('method')} importance={o.get('importance')} sparsity={o.get('sparsity')}")
+        lines.append(f"method={o.get('method')} importance={o.get('importance')} sparsity={o.get('sparsity')} "
+                     f"target={o.get('target')} round-to={o.get('round_to')}")
         lines.append(f"params  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})")
         lines.append(f"MACs    {self.macs_before:>14,} -> {self.macs_after:>14,}  ({_ratio(self.macs_after, self.macs_before)})")
         lines.append(f"groups  {len(self.pruned_groups)} pruned, {len(self.blocked_groups)} blocked, {len(self.groups)} total")
@@ -188,6 +191,13 @@ class Report:
             for out in self.validation["outputs"]:
                 top1 = "" if out["top1_agreement"] is None else f"  top-1 agreement {out['top1_agreement']:.3f}"
                 lines.append(f"  {out['name']}: max|diff| {out['max_abs_diff']:.3g}  cosine {out['cosine']:.4f}{top1}")
+        q = self.quantization
+        if q:
+            lines.append("")
+            top1 = "" if q["top1_agreement_int8"] is None else f", top-1 agreement {q['top1_agreement_int8']:.3f}"
+            lines.append(f"int8 ({q['format']}): {q['bytes_fp32'] / 1e6:.2f} MB -> {q['bytes_int8'] / 1e6:.2f} MB; "
+                         f"drift vs original on {q['held_back_samples']} held-back samples: fp32 "
+                         f"{q['drift_fp32']:.4g}, int8 {q['drift_int8']:.4g}{top1}")
         if self.timings:
             lines.append("")
             lines.append("time: " + "  ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
