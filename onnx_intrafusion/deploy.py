@@ -114,6 +114,7 @@ class Quantization:
     held_back_samples: int
     drift_fp32: float  # output_distortion(original, pruned fp32) on the held-back samples
     drift_int8: float  # output_distortion(original, pruned int8)
+    drift_int8_vs_fp32: float  # output_distortion(pruned fp32, pruned int8): the quantization alone
     top1_agreement_int8: float | None
     seconds: float
 
@@ -190,6 +191,7 @@ def quantize_checked(original: onnx.ModelProto, pruned: onnx.ModelProto, calibra
                         bytes_int8=_model_bytes(quantized), calibration_samples=len(next(iter(fit.values()))),
                         held_back_samples=len(next(iter(held.values()))),
                         drift_fp32=output_distortion(ref, fp32), drift_int8=output_distortion(ref, int8),
+                        drift_int8_vs_fp32=output_distortion(fp32, int8),
                         top1_agreement_int8=top1, seconds=round(time.perf_counter() - start, 4))
     return quantized, info
 

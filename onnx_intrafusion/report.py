@@ -197,7 +197,7 @@ class Report:
             top1 = "" if q["top1_agreement_int8"] is None else f", top-1 agreement {q['top1_agreement_int8']:.3f}"
             lines.append(f"int8 ({q['format']}): {q['bytes_fp32'] / 1e6:.2f} MB -> {q['bytes_int8'] / 1e6:.2f} MB; "
                          f"drift vs original on {q['held_back_samples']} held-back samples: fp32 "
-                         f"{q['drift_fp32']:.4g}, int8 {q['drift_int8']:.4g}{top1}")
+                         f"{q['drift_fp32']:.4g}, int8 {q['drift_int8']:.4g} (int8 vs fp32 {q['drift_int8_vs_fp32']:.4g}){top1}")
         if self.timings:
             lines.append("")
             lines.append("time: " + "  ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
