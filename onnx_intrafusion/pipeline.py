@@ -191,7 +191,7 @@ def prune(
     ot_p: float = 1.0,
     marginals: str = "uniform",
     round_to: int | None = None,
-    target: str = "auto",
+    target: str = "none",
     quantize: str = "none",
     allocation: str = "uniform",
     global_target: str = "macs",
@@ -224,7 +224,8 @@ def prune(
 
     ``target`` (auto/ort-cpu/ort-cuda/openvino/tflite/ncnn/mnn/none) picks the
     channel multiple every pruned group keeps (:mod:`onnx_intrafusion.deploy`);
-    an explicit ``round_to`` overrides it.  ``quantize="int8"`` (needs
+    an explicit ``round_to`` overrides it.  The command line defaults to
+    ``auto``; here the default ``none`` keeps exact channel counts.  ``quantize="int8"`` (needs
     ``calibration``) quantizes the pruned model statically; ``model`` is then
     the int8 model and ``fp32`` the pruned one before quantization.
     """

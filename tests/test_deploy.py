@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -69,10 +70,15 @@ def test_explicit_round_to_overrides_the_target():
     assert all(g.channels_after % 3 == 0 for g in report.pruned_groups)
 
 
-def test_default_is_the_machine_multiple():
-    report = prune(sample("resnet_legacy.onnx"), 0.5, method="prune", validate=False).report
-    assert report.options["target"] == "auto"
-    assert report.options["round_to"] == deploy.channel_multiple("auto", "auto")
+def test_command_line_default_is_the_machine_multiple(tmp_path):
+    report = tmp_path / "r.json"
+    assert main([str(sample("resnet_legacy.onnx")), str(tmp_path / "o.onnx"), "--method", "prune", "--quiet",
+                 "--no-validate", "--report", str(report)]) == 0
+    options = json.loads(report.read_text())["options"]
+    assert options["target"] == "auto"
+    assert options["round_to"] == deploy.channel_multiple("auto", "auto")
+    # the library default keeps exact counts
+    assert prune(sample("resnet_legacy.onnx"), 0.5, method="prune", validate=False).report.options["round_to"] == 1
 
 
 @pytest.mark.parametrize("name", ["resnet_legacy.onnx", "resnet_dynamo.onnx", "mobilenetv2_legacy.onnx",
