@@ -82,8 +82,9 @@ def pruned_path(name: str, src: Path, sparsity: float, round_to: str, method: st
     out = WORK / f"{name}-{method}-r{round_to}-s{sparsity}.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+        # "default": what the command line does without options (--target auto)
         rt = None if round_to == "default" else int(round_to)
-        result = prune(src, sparsity=sparsity, method=method, round_to=rt, validate=False)
+        result = prune(src, sparsity=sparsity, method=method, round_to=rt, target="auto", validate=False)
         save_model(result.model, out)
     return out
 

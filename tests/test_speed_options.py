@@ -173,7 +173,7 @@ def test_cli_global(tmp_path):
     out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "onnx_intrafusion", str(sample("resnet_legacy.onnx")), str(out),
                            "--sparsity", "0.4", "--global", "--max-group-sparsity", "0.8", "--report", str(rep),
-                           "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           "--quiet", "--target", "none"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(rep.read_text())
     assert report["options"]["allocation"] == "global" and report["options"]["max_group_sparsity"] == 0.8
