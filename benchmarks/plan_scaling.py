@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+# This folder's coverage.py would shadow the coverage package, which numba imports.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onnx_intrafusion import plans  # noqa: E402

@@ -138,7 +138,7 @@ def _l1_kernel():
     if _L1_KERNEL is None:
         try:
             import numba
-        except ImportError:
+        except Exception:  # noqa: BLE001 - not installed, or broken (e.g. a module shadowing `coverage`)
             _L1_KERNEL = False
             return None
 
