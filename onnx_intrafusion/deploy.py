@@ -34,9 +34,8 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OutputError, UsageError, ValidationError
+from .options import DEPLOY_TARGETS as TARGETS, QUANTIZATIONS as QUANTIZE
 
-TARGETS = ("auto", "ort-cpu", "ort-cuda", "openvino", "tflite", "ncnn", "mnn", "none")
-QUANTIZE = ("none", "int8")
 
 #: Channel multiple per fixed target.  ``ort-cpu`` and ``openvino`` depend on the CPU
 #: (see :func:`cpu_block`); the others are the widths their kernels pack channels by.
