@@ -99,7 +99,8 @@ def main(argv=None) -> int:
                        validate=False)
         prune_s = time.perf_counter() - t
         t = time.perf_counter()
-        quant_only = deploy.quantize_int8(original, calibration_mod.batches(calib, original))
+        quant_only = deploy.quantize_int8(original, calibration_mod.batches(calibration_mod.match(calib, original),
+                                                                           original))
         quant_s = time.perf_counter() - t
         variants = {"original fp32": original, "pruned fp32": result.fp32, "pruned int8": result.model,
                     "quantized only": quant_only}

@@ -139,11 +139,12 @@ _L1_KERNEL = None
 
 
 def _l1_kernel():
-    """numba L1 distance kernel (float64, 4 kept rows per pass), or None without numba.
+    """numba L1 distance kernel (float64, blocked), or None without numba.
 
     SciPy's ``cdist("cityblock")`` runs a scalar loop; this one vectorises the
-    feature axis and reuses each channel's row for four kept rows: 3x faster
-    per core on ResNet-50's widest groups.  Sums are float64 like SciPy's;
+    feature axis, reuses each channel's row for four kept rows and keeps a
+    block of kept rows in cache: ~4x faster per core on groups of ResNet-50's
+    size (docs/results/plan_scaling.json).  Sums are float64 like SciPy's;
     only the summation order differs (relative differences ~1e-15), so the
     transport plans are the same (tested).  Compiled once per machine
     (numba's cache), released GIL so the row blocks run on all cores.
@@ -160,25 +161,31 @@ def _l1_kernel():
         def l1(x, y, out):  # pragma: no cover - compiled
             n, f = x.shape
             m = y.shape[0]
-            m4 = m - m % 4
-            for i in range(n):
-                xi = x[i]
-                for j in range(0, m4, 4):
-                    y0, y1, y2, y3 = y[j], y[j + 1], y[j + 2], y[j + 3]
-                    s0 = s1 = s2 = s3 = 0.0
-                    for t in range(f):
-                        v = xi[t]
-                        s0 += abs(v - y0[t])
-                        s1 += abs(v - y1[t])
-                        s2 += abs(v - y2[t])
-                        s3 += abs(v - y3[t])
-                    out[i, j], out[i, j + 1], out[i, j + 2], out[i, j + 3] = s0, s1, s2, s3
-                for j in range(m4, m):
-                    s = 0.0
-                    for t in range(f):
-                        s += abs(xi[t] - y[j, t])
-                    out[i, j] = s
+            for j0 in range(0, m, 32):  # 32 kept rows (~1 MB at 4500 features) stay in L2 for all rows of x
+                j1 = min(m, j0 + 32)
+                for i in range(n):
+                    xi = x[i]
+                    j = j0
+                    while j + 4 <= j1:
+                        y0, y1, y2, y3 = y[j], y[j + 1], y[j + 2], y[j + 3]
+                        s0 = s1 = s2 = s3 = 0.0
+                        for t in range(f):
+                            v = xi[t]
+                            s0 += abs(v - y0[t])
+                            s1 += abs(v - y1[t])
+                            s2 += abs(v - y2[t])
+                            s3 += abs(v - y3[t])
+                        out[i, j], out[i, j + 1], out[i, j + 2], out[i, j + 3] = s0, s1, s2, s3
+                        j += 4
+                    while j < j1:
+                        s = 0.0
+                        for t in range(f):
+                            s += abs(xi[t] - y[j, t])
+                        out[i, j] = s
+                        j += 1
 
+        probe = np.zeros((1, 1))
+        l1(probe, probe, np.empty((1, 1)))  # compile (or load numba's cache) once, not in the worker threads
         _L1_KERNEL = l1
     return _L1_KERNEL or None
 
