@@ -195,6 +195,34 @@ def key(row: dict) -> tuple:
             row["method"])
 
 
+def markdown(rows: list[dict], by_round_to: bool) -> str:
+    """The JSON rows as a Markdown table (speed-up and efficiency per runtime)."""
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    keys = sorted({(r["model"], r["mode"], r["batch"], str(r["round_to"]), r["sparsity"]) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2], int(k[3]) if k[3].isdigit() else 0, k[4]))
+    first = "round-to | " if by_round_to else ""
+    head = (f"| model | mode | batch | {first}sparsity | MACs ratio | "
+            + " | ".join(f"{rt} ms orig -> pruned | {rt} speed-up (eff)" for rt in runtimes) + " |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for model, mode, batch, rt_, sparsity in keys:
+        cells, ideal = [], None
+        for rt in runtimes:
+            row = next((r for r in rows if (r["model"], r["mode"], r["batch"], str(r["round_to"]), r["sparsity"], r["runtime"])
+                        == (model, mode, batch, rt_, sparsity, rt)), None)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            ideal = row["ideal_speedup"]
+            if "error" in row:
+                cells += ["fails to load", "-"]
+            else:
+                cells += [f"{row['orig_ms']:.1f} -> {row['pruned_ms']:.1f}",
+                          f"{row['speedup']:.2f}x ({row['efficiency']:.2f})"]
+        first = f"{rt_} | " if by_round_to else ""
+        lines.append(f"| {model} | {mode} | {batch} | {first}{sparsity} | {ideal:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(bench_models.MODELS))
@@ -211,7 +239,12 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=40.0, help="seconds of timed rounds per runtime, mode, batch")
     p.add_argument("--quick", action="store_true", help="warmup 1, repeats 5, budget 10 s")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--markdown", action="store_true", help="print --out's rows as a Markdown table, run nothing")
     args = p.parse_args(argv)
+    if args.markdown:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        print(markdown(rows, len({str(r["round_to"]) for r in rows}) > 1))
+        return 0
     if args.quick:
         args.warmup, args.repeats, args.budget = 1, 5, 10.0
 
