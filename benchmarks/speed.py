@@ -111,7 +111,7 @@ def ort_loader(provider: str):
         opts.log_severity_level = 3
         if threads == 1:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(str(path), opts, providers=[provider, "CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), opts, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
         if sess.get_providers()[0] != provider:
             raise RuntimeError(f"{provider} not usable")
         name = sess.get_inputs()[0].name
