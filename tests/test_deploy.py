@@ -58,6 +58,12 @@ def test_cpu_flags_read_x86_and_arm_and_nothing():
     assert deploy.cpu_flags("") == set()
 
 
+def test_reduce_range_only_on_x86_without_vnni():
+    assert deploy.needs_reduce_range(deploy.cpu_flags(AVX2))
+    assert not deploy.needs_reduce_range(deploy.cpu_flags(AVX512))  # has avx512_vnni
+    assert not deploy.needs_reduce_range(deploy.cpu_flags(NEON))
+
+
 def test_unknown_target_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown target"):
         prune(sample("resnet_legacy.onnx"), 0.5, target="tpu", validate=False)
