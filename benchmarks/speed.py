@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print --out's rows as a Markdown table, run nothing")
     args = p.parse_args(argv)
     if args.markdown:
-        rows = json.loads(Path(args.out).read_text())["rows"]
+        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["mode"] in args.mode]
         print(markdown(rows, len({str(r["round_to"]) for r in rows}) > 1))
         return 0
     if args.quick:
