@@ -333,6 +333,10 @@ def _nothing_pruned_reason(analysis: Analysis, selected: set[int] | None, opts: 
         why = "sparsity 0 keeps every channel"
     elif opts.round_to > 1 and all(g.size <= opts.round_to for g in todo):
         why = f"every prunable group has at most round-to={opts.round_to} channels"
+        from .deploy import channel_multiple
+
+        if opts.target != "none" and channel_multiple(opts.target, opts.provider, opts.quantize) == opts.round_to:
+            why += f" (the channel multiple of --target {opts.target}; --target none prunes exact counts)"
     else:
         why = f"every prunable group keeps all its channels at sparsity {opts.sparsity:g} (round-to {opts.round_to})"
     return (f"nothing to prune: {why}; no copy is written (use --allow-unchanged / allow_unchanged=True to "

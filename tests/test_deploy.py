@@ -181,3 +181,24 @@ def test_cuda_validation_and_multiple():
     result = prune(sample("resnet_legacy.onnx"), 0.5, provider="cuda")
     assert result.report.validation["provider"] == "CUDAExecutionProvider"
     assert result.report.options["round_to"] == 8
+
+
+def test_groups_narrower_than_the_multiple_are_left_whole_and_the_cli_says_why(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = [helper.make_tensor(n, TensorProto.FLOAT, shape, rng.standard_normal(shape).astype(np.float32).ravel())
+               for n, shape in (("w1", [8, 3, 3, 3]), ("w2", [4, 8, 3, 3]))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["r"]),
+         helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], weights)
+    src = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    out = tmp_path / "out.onnx"
+    code = main([str(src), str(out), "--target", "ort-cuda", "--quiet"])  # multiple 8: both groups too narrow
+    assert code == 4 and not out.exists()
+    assert "at most round-to=8 channels (the channel multiple of --target ort-cuda" in capsys.readouterr().err
+    assert main([str(src), str(out), "--target", "none", "--quiet"]) == 0  # 8 -> 4 channels
+    assert [i.dims[0] for i in onnx.load(str(out)).graph.initializer if i.name == "w1"] == [4]
