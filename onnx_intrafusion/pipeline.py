@@ -97,8 +97,12 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 importance: str, seed: int = 0, selected: set[int] | None = None, ot_reg: float = 0.0,
                 ot_p: float = 1.0, marginals: str = "uniform", round_to: int = 1,
                 progress: Progress | None = None, keeps: dict[int, int] | None = None,
-                given_scores: dict[int, np.ndarray] | None = None) -> dict[int, plans.ChannelMap]:
+                given_scores: dict[int, np.ndarray] | None = None, kind_sparsity: dict[str, float] | None = None,
+                kind_method: dict[str, str] | None = None) -> dict[int, plans.ChannelMap]:
     """A channel map for every prunable (and selected) group.
+
+    ``kind_sparsity`` / ``kind_method`` override ``sparsity`` / ``method`` for
+    groups of a kind (``Group.kind``: attention heads, FFN neurons).
 
     ``keeps`` (group id -> channels kept, from :func:`global_keeps`) replaces
     the uniform ``sparsity``; groups missing from it are left unchanged.
@@ -110,7 +114,9 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
-            keep = plans.keep_count(group.size, sparsity, round_to) if keeps is None else keeps.get(group.id, group.size)
+            group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
+            keep = (plans.keep_count(group.size, group_sparsity, round_to) if keeps is None
+                    else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
                 continue
@@ -120,7 +126,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
             scored, features = _group_rows(group, values)
             scores = _scores(group, scored, importance, seed, given_scores)
             kept = importance_mod.top_k(scores, keep)
-            if method == "prune":
+            if (kind_method or {}).get(group.kind, method) == "prune":
                 maps[group.id] = plans.selection(group.size, kept)
             else:
                 mass = scores if marginals == "importance" else None
@@ -230,7 +236,7 @@ def prune(
                                  opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores)
         maps = plan_groups(analysis, values, opts.sparsity, opts.method, opts.importance, opts.seed, selected,
                            opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform", opts.round_to,
-                           progress, keeps, given_scores)
+                           progress, keeps, given_scores, opts.kind_sparsity(), opts.kind_method())
     del values  # the original weights' arrays: free them before the rewrite copies
     if not maps and not opts.allow_unchanged:
         raise NothingToPrune(_nothing_pruned_reason(analysis, selected, opts))

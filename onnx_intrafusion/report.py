@@ -122,6 +122,7 @@ class GroupRow:
     params: list[str]
     blocked: list[dict] = field(default_factory=list)
     kept: list[int] | None = None  # indices of the kept channels (pruned groups)
+    kind: str = "channel"  # channel | head | ffn | hidden (coupling.KINDS); a head = head_dim channels
     # Relative reconstruction error of the consumers' outputs on the calibration
     # data, before/after recovery (worst consumer); None without recovery.
     recovery_error: dict | None = None
@@ -138,6 +139,7 @@ class GroupRow:
             params=group.nodes(PARAM),
             blocked=[{"node": n, "reason": r} for n, r in group.blocked],
             kept=None if kept is None else [int(i) for i in kept],
+            kind=group.kind,
         )
 
 
@@ -222,6 +224,8 @@ class Report:
             if g.blocked:
                 b = g.blocked[0]
                 what = f"{b['node']}: {b['reason']}" + (f" (+{len(g.blocked) - 1} more)" if len(g.blocked) > 1 else "")
+            if g.kind != "channel":
+                what = f"[{g.kind}] {what}"
             rec = g.recovery_error
             if rec:
                 what += f"  [recon. error {rec['before']:.3f} -> {rec['after']:.3f}]"
