@@ -115,7 +115,10 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
-            keep = (plans.keep_count(group.size, group_sparsity, round_to) if keeps is None
+            # A head group counts heads, each head_dim channels wide: the channel multiple is not
+            # applied to the head count.
+            multiple = 1 if group.kind == "head" else round_to
+            keep = (plans.keep_count(group.size, group_sparsity, multiple) if keeps is None
                     else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
