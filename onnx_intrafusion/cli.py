@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="intrafusion",
                    help="intrafusion: merge removed channels into kept ones (default); prune: drop them")
     p.add_argument("--importance", choices=(*WEIGHT_IMPORTANCES, *DATA_IMPORTANCES), default="l1",
-                   help="channel importance that picks the kept channels (default l1); activation = mean "
-                   "|activation| on the calibration data (needs --calibration)")
+                   help="channel importance that picks the kept channels (default l1); these need "
+                   "--calibration: activation = mean |activation|, taylor = |activation x gradient| of a "
+                   "label-free loss, prospr = meta-gradient of channel masks through a few SGD steps "
+                   "(ProsPr); taylor and prospr need the torch extra")
     kinds = p.add_argument_group("transformers: per group kind (uniform allocation)")
     kinds.add_argument("--head-sparsity", type=float, default=None, metavar="S",
                        help="fraction of the attention heads removed in every attention (default --sparsity)")
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--recover", choices=RECOVERIES, default=None,
                       help="re-fit each pruned layer on the calibration data, input to output: bias = mean "
                       "shift, lstsq = ridge least squares (default with --calibration), ewr = entropic "
-                      "Wasserstein regression (SWAP); none without --calibration")
+                      "Wasserstein regression (SWAP); distill = lstsq, then fine-tune all weights to match "
+                      "the original model's outputs (torch extra); none without --calibration")
     data.add_argument("--recover-alpha", type=float, default=None,
                       help="lstsq/ewr: ridge strength towards the fused weights, relative to the input energy "
                       "(default 1e-3)")
@@ -129,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                       help="int8: after pruning and recovery, static int8 quantization (QDQ, per-channel "
                       "weights) on the calibration data, checked against the original on held-back samples")
+    data.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
+                      help="distill: epochs over the calibration data (default 10)")
+    data.add_argument("--finetune-time", type=float, default=None, metavar="SECONDS",
+                      help="distill: stop after this many seconds (the best epoch so far is kept)")
     out = p.add_argument_group("output and validation")
     out.add_argument("--ort-format", action="store_true",
                      help="also write OUT.ort (onnxruntime's mobile format; OUT with .onnx replaced), "

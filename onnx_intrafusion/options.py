@@ -26,10 +26,14 @@ from .errors import ProviderError, UsageError
 from .importance import IMPORTANCES as WEIGHT_IMPORTANCES
 from .plans import MARGINALS, METHODS
 
-#: Importances computed from calibration data (need --calibration).
-DATA_IMPORTANCES = ("activation",)
-#: Recovery modes (``recovery.MODES``; listed here so that checking options does not import POT).
-RECOVERIES = ("none", "bias", "lstsq", "ewr")
+#: Importances computed from calibration data (need --calibration); the gradient ones need torch.
+GRADIENT_IMPORTANCES = ("taylor", "prospr")
+DATA_IMPORTANCES = ("activation", *GRADIENT_IMPORTANCES)
+#: Recovery modes (``recovery.MODES``, plus distill = lstsq then gradient fine-tuning; listed here so
+#: that checking options does not import POT or torch).
+RECOVERIES = ("none", "bias", "lstsq", "ewr", "distill")
+#: Distillation epochs when finetune_epochs is not given.
+DEFAULT_FINETUNE_EPOCHS = 10
 PROVIDERS = ("auto", "cpu", "cuda")
 #: Deployment targets (``deploy.channel_multiple`` maps them to a channel multiple) and quantizations.
 DEPLOY_TARGETS = ("auto", "ort-cpu", "ort-cuda", "openvino", "tflite", "ncnn", "mnn", "none")
@@ -70,6 +74,9 @@ class Options:
     ewr_eps: float | None = None
     # Deployment: int8 quantization after pruning (needs calibration data)
     quantize: str = "none"
+    # Distillation (only with recover="distill")
+    finetune_epochs: int | None = None
+    finetune_time: float | None = None
     # Validation
     validate: bool = True
     provider: str = "auto"
@@ -150,13 +157,21 @@ class Options:
             _integer(self.calibration_samples, "calibration-samples", 1)
         recover = self.recover or ("lstsq" if has_calibration else "none")
         if self.recover_alpha is not None:
-            if recover not in ("lstsq", "ewr"):
-                raise UsageError(f"--recover-alpha only applies to --recover lstsq or ewr, not {recover}")
+            if recover not in ("lstsq", "ewr", "distill"):
+                raise UsageError(f"--recover-alpha only applies to --recover lstsq, ewr or distill, not {recover}")
             _number(self.recover_alpha, "recover-alpha", 0.0, math.inf, low_open=True)
         if self.ewr_eps is not None:
             if recover != "ewr":
                 raise UsageError(f"--ewr-eps only applies to --recover ewr, not {recover}")
             _number(self.ewr_eps, "ewr-eps", 0.0, math.inf, low_open=True)
+        distill = recover == "distill"
+        for name, value in (("finetune-epochs", self.finetune_epochs), ("finetune-time", self.finetune_time)):
+            if value is not None and not distill:
+                raise UsageError(f"--{name} only applies to --recover distill, not {recover}")
+        if self.finetune_epochs is not None:
+            _integer(self.finetune_epochs, "finetune-epochs", 0)
+        if self.finetune_time is not None:
+            _number(self.finetune_time, "finetune-time", 0.0, math.inf, low_open=True)
 
         round_to = self.round_to
         if round_to is None:
@@ -179,8 +194,11 @@ class Options:
             if is_global else None,
             recover=recover,
             recover_alpha=(1e-3 if self.recover_alpha is None else float(self.recover_alpha))
-            if recover in ("lstsq", "ewr") else None,
+            if recover in ("lstsq", "ewr", "distill") else None,
             ewr_eps=(0.05 if self.ewr_eps is None else float(self.ewr_eps)) if recover == "ewr" else None,
+            finetune_epochs=(DEFAULT_FINETUNE_EPOCHS if self.finetune_epochs is None else int(self.finetune_epochs))
+            if distill else None,
+            finetune_time=None if self.finetune_time is None else float(self.finetune_time),
         )
 
     def kind_sparsity(self) -> dict[str, float]:

@@ -12,7 +12,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ import onnx
 from . import allocation as allocation_mod, coupling, importance as importance_mod, model_io, plans, rewrite
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
 from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
-from .options import FEW_CALIBRATION_SAMPLES, Options
+from .options import DATA_IMPORTANCES, FEW_CALIBRATION_SAMPLES, GRADIENT_IMPORTANCES, Options
 from .progress import Progress, as_progress
 from .report import GroupRow, Report, mac_count, params_count
 
@@ -79,7 +79,7 @@ def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
     if given is not None and group.id in given:
         return given[group.id]
     rng = np.random.default_rng([seed, group.id])
-    return importance_mod.group_scores(scored, "l1" if importance == "activation" else importance, rng)
+    return importance_mod.group_scores(scored, "l1" if importance in DATA_IMPORTANCES else importance, rng)
 
 
 def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
@@ -150,6 +150,37 @@ def _warn_custom_ops(graph, analysis: Analysis) -> None:
             f"the {len(touched)} channel group(s) they touch are left unpruned"), stacklevel=3)
 
 
+def _gradients():
+    """The torch-based stages (:mod:`finetune`), or a one-line error telling how to get them."""
+    try:
+        from . import finetune
+    except ImportError as exc:
+        if "torch" not in str(exc):
+            raise
+        raise UsageError("--recover distill and --importance taylor/prospr need torch: "
+                         "pip install onnx-intrafusion[torch]") from None
+    return finetune
+
+
+def _distill(graph, original: onnx.ModelProto, calib: dict[str, np.ndarray], opts: Options,
+             progress: Progress) -> dict:
+    """Fine-tune the pruned graph's weights in place towards the original's outputs; returns the record."""
+    from . import calibration as calibration_mod
+    from .differentiable import assign
+
+    fit, held = calibration_mod.split_holdback(calib, seed=opts.seed)
+    with progress.steps("distillation epochs", opts.finetune_epochs) as steps:
+        def epoch_done(epoch: int, total: int, loss: float, held_back: float) -> None:
+            steps.advance(detail=f"loss {loss:.4g}, held-back distortion {held_back:.4g}")
+
+        weights, record = _gradients().distill(graph, original, fit, held, epochs=opts.finetune_epochs,
+                                               time_budget=opts.finetune_time, seed=opts.seed,
+                                               progress=epoch_done)
+    assign(graph, weights)
+    record["weights_changed"] = len(weights)
+    return record
+
+
 def prune(
     model: str | os.PathLike | onnx.ModelProto,
     sparsity: float = 0.5,
@@ -188,6 +219,14 @@ def prune(
     statically: ``model`` is then the int8 model, ``fp32`` the one before.  A run that would
     prune nothing raises :class:`NothingToPrune` unless
     ``allow_unchanged=True``.
+
+    Gradient options (the ``torch`` extra): ``recover="distill"`` runs
+    lstsq and then fine-tunes the pruned weights towards the original
+    model's outputs for ``finetune_epochs`` epochs (at most
+    ``finetune_time`` seconds), keeping the weights with the lowest
+    distortion on held-back calibration samples; ``importance="taylor"`` or
+    ``"prospr"`` scores channels from gradients (see
+    :mod:`onnx_intrafusion.finetune`).
     """
     from . import calibration as calibration_mod
 
@@ -196,6 +235,8 @@ def prune(
     elif option_fields or (sparsity, method, importance) != (0.5, "intrafusion", "l1"):
         raise UsageError("give the options either as keywords or as options=Options(...), not both")
     opts = options.resolve(has_calibration=calibration is not None)
+    if opts.recover == "distill" or opts.importance in GRADIENT_IMPORTANCES:
+        _gradients()  # torch missing: say so before any work
     calib = None if calibration is None else calibration_mod.read(calibration, opts.calibration_samples)
     if calib is not None and calibration_mod.sample_count(calib) < FEW_CALIBRATION_SAMPLES:
         warnings.warn(PruneWarning(
@@ -232,6 +273,11 @@ def prune(
         with timer.stage("activations"):
             ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
             given_scores = activation_scores(original, graph, analysis, feeds, ids)
+    elif opts.importance in GRADIENT_IMPORTANCES:
+        with timer.stage(opts.importance):
+            ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+            given_scores = _gradients().IMPORTANCES[opts.importance](graph, original, analysis, calib, ids,
+                                                                     seed=opts.seed)
     with timer.stage("plan"):
         keeps = None
         if opts.allocation == "global":
@@ -257,17 +303,23 @@ def prune(
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
-    layers = []
+    layers, result, distilled = [], None, None
     if opts.recover != "none":
         from .activations import recover as recover_layers
 
         with timer.stage("recover"):
-            layers = recover_layers(graph, original, analysis, maps, feeds, opts.recover,
+            start = "lstsq" if opts.recover == "distill" else opts.recover  # distillation starts from lstsq
+            fit, held = _recovery_split(calib, original, opts.seed)
+            result = recover_layers(graph, original, analysis, maps, fit, start, holdback=held,
                                     alpha=opts.recover_alpha or 1e-3, eps=opts.ewr_eps or 0.05, seed=opts.seed,
                                     progress=progress)
-            pruned = model_io.to_model(graph, original)
-            if pruned.ByteSize() < 2**31 - 1:
-                onnx.checker.check_model(pruned, full_check=True)
+            layers = result.layers
+        if opts.recover == "distill":
+            with timer.stage("distill"):  # on the same split of the calibration samples
+                distilled = _distill(graph, original, calib, opts, progress)
+        pruned = model_io.to_model(graph, original)
+        if pruned.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(pruned, full_check=True)
 
     report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
     if calib is not None:
@@ -282,6 +334,9 @@ def prune(
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
     if layers:
         report.attach_recovery(layers, analysis)
+    if result is not None and result.model is not None:
+        report.recovery_model = result.model.to_dict()
+    report.distill = distilled
     with timer.stage("stats"):
         report.set_stats(params_count(original), mac_count(original), params_count(pruned), mac_count(pruned))
     if opts.validate:
@@ -300,6 +355,25 @@ def prune(
             report.quantization = info.to_dict()
     report.timings = timer.timings
     return PruneResult(model=pruned, report=report, external_data=loaded.external_data, fp32=fp32)
+
+
+def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int
+                    ) -> tuple[list[dict], list[dict] | None]:
+    """(fit batches, held-back batches): recovery fits on the first and is checked on the second.
+
+    The split is the one validation uses.  With a single sample, or fewer
+    held-back samples than a fixed batch size, nothing can be held back.
+    """
+    from . import calibration as calibration_mod
+
+    if calibration_mod.sample_count(calib) < 2:
+        return calibration_mod.batches(calib, model), None
+    fit, held = calibration_mod.split_holdback(calib, seed=seed)
+    try:
+        held_batches = calibration_mod.batches(held, model)
+    except UsageError:
+        return calibration_mod.batches(calib, model), None
+    return calibration_mod.batches(fit, model), held_batches
 
 
 #: At most this many held-back calibration samples are used to validate.

@@ -159,6 +159,9 @@ class Report:
     calibration: dict | None = None  # {"samples": N} when calibration data was given
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
     quantization: dict | None = None  # deploy.Quantization, with --quantize
+    # Whole-model output distortion on held-back calibration samples before/after recovery, and which was kept.
+    recovery_model: dict | None = None
+    distill: dict | None = None  # held-back distortion before/after distillation, epochs, seconds, device
 
     def set_stats(self, params_before: int, macs_before: MacCount, params_after: int, macs_after: MacCount) -> None:
         self.params_before, self.params_after = params_before, params_after
@@ -192,6 +195,8 @@ class Report:
             "validation": self.validation,
             **({"recovery": self.recovery} if self.recovery else {}),
             **({"quantization": self.quantization} if self.quantization else {}),
+            **({"recovery_model": self.recovery_model} if self.recovery_model else {}),
+            **({"distill": self.distill} if self.distill else {}),
         }
 
     def to_json(self) -> str:
@@ -237,9 +242,22 @@ class Report:
             before = max(r["error_before"] for r in self.recovery)
             after = max(r["error_after"] for r in self.recovery)
             lines.append("")
-            lines.append(f"recovery {o.get('recover')} on {o.get('calibration_samples')} calibration samples: "
+            samples = (self.calibration or {}).get("samples", o.get("calibration_samples"))
+            lines.append(f"recovery {o.get('recover')} on {samples} calibration samples: "
                          f"{len(self.recovery)} layers re-solved, worst relative output error "
                          f"{before:.3f} -> {after:.3f}")
+            rejected = sum(r.get("kept") == "unrecovered" for r in self.recovery)
+            if rejected:
+                lines.append(f"  {rejected} layer(s) kept their old weights (worse on held-back samples)")
+        if self.recovery_model:
+            m = self.recovery_model
+            lines.append(f"  output distortion ({m['measure']}) on {m['held_back_samples']} held-back samples: "
+                         f"{m['before']:.4g} without recovery, {m['after']:.4g} with; kept {m['kept']}")
+        if self.distill:
+            d = self.distill
+            lines.append(f"  distillation: held-back {d['measure']} {d['held_back_before']:.4g} -> "
+                         f"{d['held_back_after']:.4g} (best of {d['epochs']} epochs: epoch {d['best_epoch']}, "
+                         f"{d['seconds']:.1f}s on {d['device']})")
         if self.validation:
             v = self.validation
             lines.append("")

@@ -400,7 +400,7 @@ def test_nothing_prunable_exits_4_and_writes_nothing(tmp_path, capsys):
     (["--sparsity", "inf"], "sparsity"),
     (["--sparsity", "half"], "sparsity"),
     (["--method", "magic"], "invalid choice"),
-    (["--importance", "taylor"], "invalid choice"),
+    (["--importance", "fisher"], "invalid choice"),
     (["--provider", "tpu"], "invalid choice"),
     (["--marginals", "odd"], "invalid choice"),
     (["--ot-reg", "-1"], "ot-reg"),
@@ -427,7 +427,7 @@ def test_missing_arguments_exit_2(capsys):
     (dict(sparsity=-0.5), UsageError),
     (dict(sparsity="0.5"), UsageError),
     (dict(method="magic"), UsageError),
-    (dict(importance="taylor"), UsageError),
+    (dict(importance="fisher"), UsageError),
     (dict(provider="tpu"), ProviderError),
 ])
 def test_bad_api_options_raise_before_any_work(kwargs, error, monkeypatch):
