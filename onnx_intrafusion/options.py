@@ -35,6 +35,9 @@ RECOVERIES = ("none", "bias", "lstsq", "ewr", "distill")
 #: Distillation epochs when finetune_epochs is not given.
 DEFAULT_FINETUNE_EPOCHS = 10
 PROVIDERS = ("auto", "cpu", "cuda")
+#: Deployment targets (``deploy.channel_multiple`` maps them to a channel multiple) and quantizations.
+DEPLOY_TARGETS = ("auto", "ort-cpu", "ort-cuda", "openvino", "tflite", "ncnn", "mnn", "none")
+QUANTIZATIONS = ("none", "int8")
 
 #: Fewer calibration samples than this get a warning (a few hundred are recommended).
 FEW_CALIBRATION_SAMPLES = 32
@@ -57,8 +60,10 @@ class Options:
     ot_reg: float | None = None
     ot_p: float | None = None
     marginals: str | None = None
-    # Allocation
-    round_to: int = 1
+    # Allocation.  round_to None = the multiple of ``target`` (resolved in :meth:`resolve`).
+    # The library keeps exact counts (target "none"); the command line defaults to --target auto.
+    round_to: int | None = None
+    target: str = "none"
     allocation: str = "uniform"
     global_target: str | None = None
     max_group_sparsity: float | None = None
@@ -67,6 +72,8 @@ class Options:
     recover: str | None = None
     recover_alpha: float | None = None
     ewr_eps: float | None = None
+    # Deployment: int8 quantization after pruning (needs calibration data)
+    quantize: str = "none"
     # Distillation (only with recover="distill")
     finetune_epochs: int | None = None
     finetune_time: float | None = None
@@ -95,7 +102,10 @@ class Options:
             groups = tuple(self.groups) if not isinstance(self.groups, (str, bytes)) else None
             if groups is None or not all(_is_int(g) and g >= 0 for g in groups):
                 raise UsageError(f"groups must be a list of group ids (non-negative integers), got {self.groups!r}")
-        _integer(self.round_to, "round-to", 1)
+        if self.round_to is not None:
+            _integer(self.round_to, "round-to", 1)
+        _choice(self.target, "target", DEPLOY_TARGETS)
+        _choice(self.quantize, "quantization", QUANTIZATIONS)
         _choice(self.allocation, "allocation", ALLOCATIONS)
         for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity)):
             if value is not None:
@@ -139,6 +149,7 @@ class Options:
                 ("--calibration-samples", self.calibration_samples is not None),
                 ("--recover-alpha", self.recover_alpha is not None),
                 ("--ewr-eps", self.ewr_eps is not None),
+                (f"--quantize {self.quantize}", self.quantize != "none"),
             ) if given]
             if needs:
                 raise UsageError(f"{needs[0]} needs calibration data (--calibration FILE.npz)")
@@ -162,8 +173,14 @@ class Options:
         if self.finetune_time is not None:
             _number(self.finetune_time, "finetune-time", 0.0, math.inf, low_open=True)
 
+        round_to = self.round_to
+        if round_to is None:
+            from .deploy import channel_multiple  # imports onnxruntime: only when it is needed
+
+            round_to = channel_multiple(self.target, self.provider, self.quantize)
         return replace(
             self,
+            round_to=int(round_to),
             sparsity=float(self.sparsity),
             head_sparsity=None if self.head_sparsity is None else float(self.head_sparsity),
             ffn_sparsity=None if self.ffn_sparsity is None else float(self.ffn_sparsity),

@@ -31,6 +31,7 @@ class PruneResult:
     model: onnx.ModelProto
     report: Report
     external_data: bool = False  # the input kept its weights in an external file
+    fp32: onnx.ModelProto | None = None  # with quantize="int8": the pruned model before quantization
 
 
 class _Timer:
@@ -114,7 +115,10 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
-            keep = (plans.keep_count(group.size, group_sparsity, round_to) if keeps is None
+            # A head group counts heads, each head_dim channels wide: the channel multiple is not
+            # applied to the head count.
+            multiple = 1 if group.kind == "head" else round_to
+            keep = (plans.keep_count(group.size, group_sparsity, multiple) if keeps is None
                     else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
@@ -206,7 +210,13 @@ def prune(
     removing ``sparsity`` of every group: ``sparsity`` of the MACs
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
-    channels (see :mod:`onnx_intrafusion.allocation`).  A run that would
+    channels (see :mod:`onnx_intrafusion.allocation`).  ``target``
+    (auto/ort-cpu/ort-cuda/openvino/tflite/ncnn/mnn/none) makes every pruned
+    group keep a multiple of the channels that runtime's fast kernels need
+    (:mod:`onnx_intrafusion.deploy`; ``round_to`` overrides it; the library
+    default ``none`` keeps exact counts, the command line's is ``auto``).
+    ``quantize="int8"`` (needs ``calibration``) quantizes the pruned model
+    statically: ``model`` is then the int8 model, ``fp32`` the one before.  A run that would
     prune nothing raises :class:`NothingToPrune` unless
     ``allow_unchanged=True``.
 
@@ -335,8 +345,16 @@ def prune(
         with timer.stage("validate"):
             real = None if calib is None else _validation_feeds(calib, original, opts.seed)
             report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real).to_dict()
+    fp32 = None
+    if opts.quantize == "int8":
+        from .deploy import quantize_checked
+
+        with timer.stage("quantize"):
+            fp32 = pruned
+            pruned, info = quantize_checked(original, fp32, calib, calibration_mod.batches, opts.provider, opts.seed)
+            report.quantization = info.to_dict()
     report.timings = timer.timings
-    return PruneResult(model=pruned, report=report, external_data=loaded.external_data)
+    return PruneResult(model=pruned, report=report, external_data=loaded.external_data, fp32=fp32)
 
 
 def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int
@@ -398,6 +416,10 @@ def _nothing_pruned_reason(analysis: Analysis, selected: set[int] | None, opts: 
         why = "sparsity 0 keeps every channel"
     elif opts.round_to > 1 and all(g.size <= opts.round_to for g in todo):
         why = f"every prunable group has at most round-to={opts.round_to} channels"
+        from .deploy import channel_multiple
+
+        if opts.target != "none" and channel_multiple(opts.target, opts.provider, opts.quantize) == opts.round_to:
+            why += f" (the channel multiple of --target {opts.target}; --target none prunes exact counts)"
     else:
         why = f"every prunable group keeps all its channels at sparsity {opts.sparsity:g} (round-to {opts.round_to})"
     return (f"nothing to prune: {why}; no copy is written (use --allow-unchanged / allow_unchanged=True to "

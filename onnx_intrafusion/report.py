@@ -158,6 +158,7 @@ class Report:
     validation: dict | None = None
     calibration: dict | None = None  # {"samples": N} when calibration data was given
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
+    quantization: dict | None = None  # deploy.Quantization, with --quantize
     # Whole-model output distortion on held-back calibration samples before/after recovery, and which was kept.
     recovery_model: dict | None = None
     distill: dict | None = None  # held-back distortion before/after distillation, epochs, seconds, device
@@ -193,6 +194,7 @@ class Report:
             "timings_s": self.timings,
             "validation": self.validation,
             **({"recovery": self.recovery} if self.recovery else {}),
+            **({"quantization": self.quantization} if self.quantization else {}),
             **({"recovery_model": self.recovery_model} if self.recovery_model else {}),
             **({"distill": self.distill} if self.distill else {}),
         }
@@ -211,7 +213,8 @@ class Report:
     def to_text(self, max_rows: int = 40) -> str:
         lines = []
         o = self.options
-        lines.append(f"method={o.get('method')} importance={o.get('importance')} sparsity={o.get('sparsity')}")
+        lines.append(f"method={o.get('method')} importance={o.get('importance')} sparsity={o.get('sparsity')} "
+                     f"target={o.get('target')} round-to={o.get('round_to')}")
         lines.append(f"params  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})")
         if self.macs_before is None or self.macs_after is None:
             lines.append(f"MACs    unknown ({self.macs_note})")
@@ -267,6 +270,13 @@ class Report:
             for out in v["outputs"]:
                 top1 = "" if out["top1_agreement"] is None else f"  top-1 agreement {out['top1_agreement']:.3f}"
                 lines.append(f"  {out['name']}: max|diff| {out['max_abs_diff']:.3g}  cosine {out['cosine']:.4f}{top1}")
+        q = self.quantization
+        if q:
+            lines.append("")
+            top1 = "" if q["top1_agreement_int8"] is None else f", top-1 agreement {q['top1_agreement_int8']:.3f}"
+            lines.append(f"int8 ({q['format']}): {q['bytes_fp32'] / 1e6:.2f} MB -> {q['bytes_int8'] / 1e6:.2f} MB; "
+                         f"drift vs original on {q['held_back_samples']} held-back samples: fp32 "
+                         f"{q['drift_fp32']:.4g}, int8 {q['drift_int8']:.4g} (int8 vs fp32 {q['drift_int8_vs_fp32']:.4g}){top1}")
         if self.timings:
             lines.append("")
             lines.append("time: " + "  ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
