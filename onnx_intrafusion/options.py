@@ -45,7 +45,13 @@ FEW_CALIBRATION_SAMPLES = 32
 
 @dataclass(frozen=True)
 class Options:
-    """What to prune and how.  Defaults are the documented CLI defaults."""
+    """What to prune and how.
+
+    Defaults are the documented CLI defaults, with one exception: ``target``
+    is ``"none"`` here (exact channel counts, the same on every machine, which
+    API users and tests rely on) and ``auto`` on the command line (a channel
+    multiple that the machine's runtime is fast with; see :mod:`deploy`).
+    """
 
     sparsity: float = 0.5
     method: str = "intrafusion"
