@@ -45,11 +45,13 @@ from onnx_intrafusion.errors import UserError  # noqa: E402
 MODELS = [
     "resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
     "densenet121", "shufflenet_v2_x1_0", "squeezenet1_1", "regnet_x_400mf", "googlenet",
-    "resnext50_32x4d", "convnext_tiny", "mnasnet1_0", "vit_b_16",
+    "resnext50_32x4d", "convnext_tiny", "mnasnet1_0", "vit_b_16", "swin_t",
 ]
 EXPORTERS = ("legacy", "dynamo")
 METHODS = ("intrafusion", "prune")
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+# exported at 224x224: vit/vgg have fixed-size layers, swin is run at the size its windows were designed for
+FULL_SIZE = ("vit", "vgg", "swin")
 
 
 def _import_torchvision():
@@ -139,6 +141,7 @@ def run_one(path: Path, method: str, sparsity: float) -> dict:
         valid=valid, error=error, time_s=round(elapsed, 2),
         pruned=len(rep.pruned_groups), blocked=len(rep.blocked_groups), groups=len(rep.groups),
         reasons=reasons.most_common(4),
+        pruned_kinds=dict(collections.Counter(g.kind for g in rep.pruned_groups)),  # channel/head/ffn
         weights_in_pruned_pct=round(weight_coverage(path, rep), 1),
         params=[rep.params_before, rep.params_after], macs=[rep.macs_before, rep.macs_after],
     )
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--exporters", nargs="*", default=list(EXPORTERS))
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit and vgg use 224: fixed-size layers)")
+    p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit, vgg and swin use 224)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "coverage.json"))
     args = p.parse_args(argv)
     rows = []
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for exporter in args.exporters:
-                size = 224 if name.startswith(("vit", "vgg")) else args.size
+                size = 224 if name.startswith(FULL_SIZE) else args.size
                 try:
                     path = export(name, exporter, Path(tmp), size)
                 except Exception as exc:  # noqa: BLE001
