@@ -152,6 +152,32 @@ def _m(x: int) -> str:
     return f"{x / 1e6:.2f}M"
 
 
+def _short(x: int) -> str:
+    return f"{x / 1e9:.2f}G" if x >= 1e9 else f"{x / 1e6:.1f}M"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results table of docs/coverage.md, generated from the JSON rows."""
+    lines = ["| model | exporter | method | valid | pruned groups (kinds) | blocked groups | "
+             "% Conv/Gemm/MatMul weights in pruned groups | params before → after | MACs before → after | "
+             "blocked reasons (count) |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | --- | --- | --- |"]
+    for r in rows:
+        if "export_error" in r:
+            lines.append(f"| {r['model']} | {r['exporter']} | | export failed: {r['export_error']} | | | | | | |")
+            continue
+        if "pruned" not in r:
+            lines.append(f"| {r['model']} | {r['exporter']} | {r['method']} | no: {r['error']} | | | | | | |")
+            continue
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.get("pruned_kinds", {}).items()))
+        reasons = "; ".join(f"{reason} ({n})" for reason, n in r["reasons"])
+        valid = "yes" if r["valid"] else f"no: {r['error']}"
+        lines.append(f"| {r['model']} | {r['exporter']} | {r['method']} | {valid} | {r['pruned']} ({kinds}) | "
+                     f"{r['blocked']} | {r['weights_in_pruned_pct']:.1f} | {_short(r['params'][0])} → "
+                     f"{_short(r['params'][1])} | {_short(r['macs'][0])} → {_short(r['macs'][1])} | {reasons} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="*", default=MODELS)
@@ -160,7 +186,11 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit, vgg and swin use 224)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "coverage.json"))
+    p.add_argument("--markdown", metavar="JSON", help="print the Markdown table of a results file and exit")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())["rows"]))
+        return 0
     rows = []
     header = (f"{'model':<20} {'exporter':<7} {'method':<11} {'valid':<5} {'pruned':>6} {'blocked':>7} "
               f"{'w%':>5} {'params before->after':>22} {'MACs before->after':>22} {'time':>6}  top blocked reasons")
