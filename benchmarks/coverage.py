@@ -145,14 +145,18 @@ def run_one(path: Path, method: str, sparsity: float) -> dict:
         weights_in_pruned_pct=round(weight_coverage(path, rep), 1),
         params=[rep.params_before, rep.params_after], macs=[rep.macs_before, rep.macs_after],
     )
+    if rep.macs_note:
+        row["macs_note"] = rep.macs_note
     return row
 
 
-def _m(x: int) -> str:
-    return f"{x / 1e6:.2f}M"
+def _m(x: int | None) -> str:
+    return "unknown" if x is None else f"{x / 1e6:.2f}M"
 
 
-def _short(x: int) -> str:
+def _short(x: int | None) -> str:
+    if x is None:
+        return "unknown"
     return f"{x / 1e9:.2f}G" if x >= 1e9 else f"{x / 1e6:.1f}M"
 
 
@@ -186,18 +190,23 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit, vgg and swin use 224)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "coverage.json"))
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip their runs")
     p.add_argument("--markdown", metavar="JSON", help="print the Markdown table of a results file and exit")
     args = p.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())["rows"]))
         return 0
-    rows = []
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
+    done = {(r["model"], r["exporter"], r.get("method")) for r in rows}
     header = (f"{'model':<20} {'exporter':<7} {'method':<11} {'valid':<5} {'pruned':>6} {'blocked':>7} "
               f"{'w%':>5} {'params before->after':>22} {'MACs before->after':>22} {'time':>6}  top blocked reasons")
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for exporter in args.exporters:
+                methods = [m for m in args.methods if (name, exporter, m) not in done]
+                if not methods:
+                    continue
                 size = 224 if name.startswith(FULL_SIZE) else args.size
                 try:
                     path = export(name, exporter, Path(tmp), size)
@@ -205,7 +214,7 @@ def main(argv=None) -> int:
                     rows.append({"model": name, "exporter": exporter, "export_error": str(exc).splitlines()[0]})
                     print(f"{name:<20} {exporter:<7} export failed: {str(exc).splitlines()[0][:100]}", flush=True)
                     continue
-                for method in args.methods:
+                for method in methods:
                     row = {"model": name, "exporter": exporter, **run_one(path, method, args.sparsity)}
                     rows.append(row)
                     if "pruned" not in row or row.get("error"):
