@@ -28,9 +28,10 @@ prefix of the ranking that reaches the target.
 *Sensitivity* (:func:`sensitivity_keeps`): each group's distortion curve was
 measured by pruning it alone at a few levels (:mod:`sensitivity`); between
 measured levels the distortion is interpolated linearly in the number of
-channels kept (through the unpruned point, distortion 0), and made
-non-increasing in the channels kept (a later level that measured lower is
-treated as noise).  Beyond the largest measured level nothing is
+channels kept (through the unpruned point, distortion 0).  The curves are
+taken as measured, not forced monotone: with uniform transport marginals a
+group of duplicated channels can be exact at 0.5 (every copy merges into its
+original) and lossy at 0.25.  Beyond the largest measured level nothing is
 extrapolated: a group never loses more than its largest measured level (nor
 more than ``max_group_sparsity``).  We minimise the *summed* distortion
 under the MAC budget (``sparsity`` = fraction of MACs removed) as a
@@ -44,8 +45,9 @@ costs milliseconds (groups x candidates x bins, vectorised).  The DP counts
 each group's MACs as if pruned alone; a layer between two pruned groups saves
 less than the sum, so the exact count (:class:`MacModel`) then corrects the
 choice one channel step at a time: steps are taken (least distortion per MAC)
-until the budget is met, then given back (most distortion first) while it
-still holds, so the result is within one channel step of the budget.
+until the budget is met, then given back (most distortion saved first, never
+one that adds distortion) while it still holds, so the result is within one
+channel step of the budget unless a step back would add distortion.
 """
 
 from __future__ import annotations
@@ -222,13 +224,11 @@ def _candidates(size: int, measured_min: int, max_group_sparsity: float, round_t
     return np.asarray([size] + ks, dtype=np.int64)
 
 
-def _envelope(keeps: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """Distortion at ``at`` channels: linear between measured counts, non-increasing in channels kept."""
+def _interpolate(keeps: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Distortion at ``at`` channels: linear between the measured counts (inf, a broken model, as 1e30)."""
     order = np.argsort(keeps, kind="stable")
     k, d = keeps[order].astype(np.float64), values[order]
-    d = np.where(np.isfinite(d), d, 1e30)
-    d = np.maximum.accumulate(d[::-1])[::-1]  # fewer channels never counts as less distortion
-    return np.interp(at.astype(np.float64), k, d)
+    return np.interp(at.astype(np.float64), k, np.where(np.isfinite(d), d, 1e30))
 
 
 def sensitivity_keeps(analysis: Analysis, curves: dict[int, tuple[np.ndarray, np.ndarray]], sparsity: float,
@@ -245,7 +245,7 @@ def sensitivity_keeps(analysis: Analysis, curves: dict[int, tuple[np.ndarray, np
     need = model.before - target
     cands = {gid: _candidates(analysis.groups[gid].size, int(k.min()), max_group_sparsity, round_to)
              for gid, (k, _) in curves.items()}
-    dist = {gid: _envelope(*curves[gid], cands[gid]) for gid in curves}
+    dist = {gid: _interpolate(*curves[gid], cands[gid]) for gid in curves}
     keeps = {gid: int(c[0]) for gid, c in cands.items()}
     if need > 0 and cands:
         keeps = _knapsack(model, cands, dist, need, bins)
@@ -276,8 +276,8 @@ def sensitivity_keeps(analysis: Analysis, curves: dict[int, tuple[np.ndarray, np
         for gid, i in pos.items():
             if i > 0:
                 t = step_total(gid, i - 1)
-                if t <= target * (1 + 1e-12):
-                    gain = dist[gid][i] - dist[gid][i - 1]
+                gain = dist[gid][i] - dist[gid][i - 1]
+                if t <= target * (1 + 1e-12) and gain >= 0:
                     if best is None or gain > best[0]:
                         best = (gain, gid, t)
         if best is None:

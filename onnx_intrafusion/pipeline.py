@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from . import allocation as allocation_mod, coupling, importance as importance_mod, model_io, plans, rewrite
+from . import sensitivity as sensitivity_mod
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
 from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
 from .report import GroupRow, Report, model_stats
@@ -30,6 +31,7 @@ class PruneResult:
     model: onnx.ModelProto
     report: Report
     external_data: bool = False  # the input kept its weights in an external file
+    sensitivity: sensitivity_mod.Sensitivity | None = None  # the analysis behind a sensitivity allocation
 
 
 def check_options(sparsity: float, method: str, importance: str, ot_reg: float = 0.0, ot_p: float = 1.0,
@@ -157,6 +159,58 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     return maps
 
 
+def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: dict[str, np.ndarray],
+                 calib: dict[str, np.ndarray], selected: set[int] | None,
+                 given_scores: dict[int, np.ndarray] | None, source, levels, workers: int | None,
+                 ray_address: str | None, progress: Progress | None, *, method: str, importance: str, seed: int,
+                 ot_reg: float, ot_p: float, marginals: str, round_to: int, recover: str, recover_alpha: float,
+                 ewr_eps: float) -> tuple[sensitivity_mod.Sensitivity, str]:
+    """(the analysis, where it came from): loaded from ``source`` when that file exists, else measured.
+
+    A measured analysis is written to ``source`` when it is a path.  The
+    channel maps come from :func:`plan_groups`, i.e. exactly the run's own.
+    """
+    if isinstance(source, sensitivity_mod.Sensitivity):
+        if source.fingerprint != sensitivity_mod.fingerprint(original):
+            raise UsageError("the sensitivity analysis was measured on another model (graph or weights differ)")
+        return source, "given"
+    if source is not None and os.path.exists(source):
+        return sensitivity_mod.Sensitivity.load(source, sensitivity_mod.fingerprint(original)), f"read from {source}"
+
+    def plan(gid: int, keep: int) -> plans.ChannelMap:
+        return plan_groups(analysis, values, 0.0, method, importance, seed, {gid}, ot_reg, ot_p, marginals,
+                           keeps={gid: keep}, given_scores=given_scores)[gid]
+
+    from . import calibration as calibration_mod
+
+    table = sensitivity_mod.analyse(
+        original, graph, analysis, plan, calibration_mod.match(calib, original), levels=levels,
+        group_ids=selected, round_to=round_to, recover=recover, recover_alpha=recover_alpha, ewr_eps=ewr_eps,
+        seed=seed, workers=workers, ray_address=ray_address, progress=progress,
+        options=dict(method=method, importance=importance, ot_reg=ot_reg, ot_p=ot_p, marginals=marginals))
+    if source is not None:
+        table.save(source)
+        return table, f"measured, written to {source}"
+    return table, "measured"
+
+
+def sensitivity_keeps(graph, analysis: Analysis, table: sensitivity_mod.Sensitivity, sparsity: float,
+                      selected: set[int] | None, max_group_sparsity: float, round_to: int
+                      ) -> tuple[dict[int, int], dict[int, float], bool]:
+    """Channels kept per group under the sensitivity allocation (see :mod:`allocation`)."""
+    measured = table.by_id()
+    curves = {gid: measured[gid].curve() for gid in measured
+              if gid < len(analysis.groups) and analysis.groups[gid].prunable
+              and analysis.groups[gid].size == measured[gid].channels and (selected is None or gid in selected)}
+    missing = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)
+               and g.id not in curves]
+    if missing:
+        warnings.warn(PruneWarning(f"{len(missing)} prunable group(s) have no sensitivity measurement and are "
+                                   f"left unpruned (e.g. group {missing[0]})"), stacklevel=3)
+    return allocation_mod.sensitivity_keeps(analysis, curves, sparsity, allocation_mod.node_macs(graph, analysis),
+                                            max_group_sparsity, round_to)
+
+
 def _warn_custom_ops(graph, analysis: Analysis) -> None:
     """Custom-domain ops that touch channels leave their groups unpruned: say so (not an error)."""
     custom = {f"{n.name} ({n.op})" for n in graph.nodes if n.domain not in ("", "ai.onnx", None)}
@@ -192,6 +246,11 @@ def prune(
     recover: str | None = None,
     recover_alpha: float = 1e-3,
     ewr_eps: float = 0.05,
+    sensitivity=None,
+    sensitivity_levels: Iterable[float] = sensitivity_mod.DEFAULT_LEVELS,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    analyse_only: bool = False,
 ) -> PruneResult:
     """Prune every prunable channel group of ``model`` by ``sparsity``.
 
@@ -209,6 +268,16 @@ def prune(
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
     channels (see :mod:`onnx_intrafusion.allocation`).
+
+    ``allocation="sensitivity"`` (needs ``calibration``) first measures every
+    group pruned alone at ``sensitivity_levels`` (:mod:`sensitivity`; in
+    ``workers`` local processes, default: cores bounded by memory, or as Ray
+    tasks on the cluster at ``ray_address``), then removes ``sparsity`` of the
+    MACs with the least summed distortion.  ``sensitivity`` is a saved
+    analysis to reuse (a path, loaded when the file exists and written there
+    otherwise, or a :class:`~onnx_intrafusion.sensitivity.Sensitivity`).
+    ``analyse_only=True`` stops after the analysis: the result has
+    ``model=None`` and the analysis in ``result.sensitivity``.
     """
     from . import calibration as calibration_mod
 
@@ -216,7 +285,16 @@ def prune(
                   round_to, allocation, global_target, max_group_sparsity)
     calib, recover = calibration_mod.resolve_options(calibration, calibration_samples, recover, importance,
                                                      recover_alpha, ewr_eps)
-    if validate:
+    wants_table = allocation == "sensitivity" or analyse_only
+    if calib is None and (wants_table or sensitivity is not None):
+        what = "--analyse-only" if analyse_only else ("--allocation sensitivity" if wants_table else "--sensitivity")
+        raise UsageError(f"{what} needs calibration data (--calibration FILE.npz)")
+    if sensitivity is not None and not wants_table:
+        raise UsageError("--sensitivity FILE is used by --allocation sensitivity or --analyse-only")
+    levels = sensitivity_mod.check_levels(sensitivity_levels)
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise UsageError(f"workers must be a positive integer, got {workers}")
+    if validate and not analyse_only:
         from .validate import check_provider
 
         check_provider(provider)
@@ -226,6 +304,8 @@ def prune(
                    groups=None if groups is None else sorted(groups))
     if allocation == "global":
         options.update(global_target=global_target, max_group_sparsity=max_group_sparsity)
+    if wants_table:
+        options.update(max_group_sparsity=max_group_sparsity, sensitivity_levels=levels)
     if calib is not None:
         options.update(recover=recover, calibration_samples=calibration_mod.sample_count(calib))
 
@@ -251,11 +331,30 @@ def prune(
         with timer.stage("activations"):
             ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
             given_scores = activation_scores(original, graph, analysis, feeds, ids)
+    table = None
+    if wants_table:
+        with timer.stage("sensitivity"):
+            table, source = _sensitivity(
+                original, graph, analysis, values, calib, selected, given_scores, sensitivity, levels, workers,
+                ray_address, progress, method=method, importance=importance, seed=seed, ot_reg=ot_reg, ot_p=ot_p,
+                marginals=marginals, round_to=round_to, recover=recover, recover_alpha=recover_alpha,
+                ewr_eps=ewr_eps)
+        if analyse_only:
+            report = Report(options=options, timings=timer.timings)
+            return PruneResult(model=None, report=report, external_data=loaded.external_data, sensitivity=table)
     with timer.stage("plan"):
         keeps = None
         if allocation == "global":
             keeps = global_keeps(graph, analysis, values, sparsity, importance, seed, selected, global_target,
                                  max_group_sparsity, round_to, given_scores)
+        elif allocation == "sensitivity":
+            keeps, predicted, met = sensitivity_keeps(graph, analysis, table, sparsity, selected,
+                                                      max_group_sparsity, round_to)
+            if not met:
+                warnings.warn(PruneWarning(
+                    f"--sparsity {sparsity} of the MACs cannot be removed within the measured levels (largest "
+                    f"{max(levels)}) and --max-group-sparsity {max_group_sparsity}: removing what they allow"),
+                    stacklevel=2)
         maps = plan_groups(analysis, values, sparsity, method, importance, seed, selected, ot_reg, ot_p,
                            marginals, round_to, progress, keeps, given_scores)
     del values  # the original weights' arrays: free them before the rewrite copies
@@ -293,6 +392,15 @@ def prune(
             report.groups.append(GroupRow.from_group(g, maps[g.id].keep, "pruned", maps[g.id].kept))
         else:
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
+    if table is not None:
+        for row in report.groups:
+            if row.id in keeps and row.status == "pruned":
+                row.sensitivity = {"level": round(1.0 - keeps[row.id] / row.channels_before, 4),
+                                   "distortion": predicted[row.id]}
+        report.sensitivity = {"source": source, "measure": table.measure, "samples": table.samples,
+                              "levels": table.levels, "runs": sum(len(g.points) for g in table.groups),
+                              "seconds": table.seconds, "backend": table.backend,
+                              "predicted_distortion": float(sum(predicted.values())), "budget_met": met}
     if layers:
         report.attach_recovery(layers, analysis)
     with timer.stage("stats"):
@@ -304,4 +412,4 @@ def prune(
         with timer.stage("validate"):
             report.validation = compare(original, pruned, provider, seed).to_dict()
     report.timings = timer.timings
-    return PruneResult(model=pruned, report=report, external_data=loaded.external_data)
+    return PruneResult(model=pruned, report=report, external_data=loaded.external_data, sensitivity=table)

@@ -94,6 +94,9 @@ class GroupRow:
     # Relative reconstruction error of the consumers' outputs on the calibration
     # data, before/after recovery (worst consumer); None without recovery.
     recovery_error: dict | None = None
+    # With sensitivity allocation: the level chosen (fraction of channels removed)
+    # and the distortion the analysis measured (interpolated) for it, this group alone.
+    sensitivity: dict | None = None
 
     @classmethod
     def from_group(cls, group: Group, after: int, status: str, kept=None) -> "GroupRow":
@@ -121,6 +124,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     validation: dict | None = None
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
+    sensitivity: dict | None = None  # the analysis behind a sensitivity allocation (summary)
 
     def attach_recovery(self, layers, analysis) -> None:
         """Record per-layer recovery rows and, per group, its consumers' worst errors."""
@@ -141,6 +145,7 @@ class Report:
             "timings_s": self.timings,
             "validation": self.validation,
             **({"recovery": self.recovery} if self.recovery else {}),
+            **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
         }
 
     def to_json(self) -> str:
@@ -171,6 +176,8 @@ class Report:
             rec = g.recovery_error
             if rec:
                 what += f"  [recon. error {rec['before']:.3f} -> {rec['after']:.3f}]"
+            if g.sensitivity and g.status == "pruned":
+                what += f"  [level {g.sensitivity['level']:.2f}, distortion {g.sensitivity['distortion']:.3g}]"
             lines.append(f"{g.id:>5}  {g.channels_before:>5}->{g.channels_after:<5}  {g.status:<9} {what}")
         if len(self.groups) > max_rows:
             lines.append(f"  ... {len(self.groups) - max_rows} more groups (see --report JSON)")
@@ -182,6 +189,12 @@ class Report:
             lines.append(f"recovery {o.get('recover')} on {o.get('calibration_samples')} calibration samples: "
                          f"{len(self.recovery)} layers re-solved, worst relative output error "
                          f"{before:.3f} -> {after:.3f}")
+        if self.sensitivity:
+            s = self.sensitivity
+            lines.append("")
+            lines.append(f"sensitivity allocation: {s['runs']} one-group runs ({s['source']}, {s['seconds']:.1f}s), "
+                         f"predicted summed {s['measure']} {s['predicted_distortion']:.3g}"
+                         + ("" if s["budget_met"] else "; MAC budget NOT reachable within the measured levels"))
         if self.validation:
             lines.append("")
             lines.append(f"validation on {self.validation['provider']} ({self.validation['samples']} random samples):")
