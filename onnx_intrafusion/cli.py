@@ -22,6 +22,9 @@ EPILOG = """examples:
   onnx-intrafusion model.onnx small.onnx --sparsity 0.3 --method prune --importance l2 --report report.json
   python -m onnx_intrafusion in.onnx out.onnx --sparsity 0.5 --ot-reg 0.05 --provider cpu
   onnx-intrafusion model.onnx small.onnx --sparsity 0.5 --calibration calib.npz   (recommended with data)
+  onnx-intrafusion model.onnx sens.json --analyse-only --calibration calib.npz --sensitivity-plot sens.png
+  onnx-intrafusion model.onnx small.onnx --sparsity 0.5 --allocation sensitivity --sensitivity sens.json \
+      --calibration calib.npz   (--sparsity = fraction of MACs; sens.json is reused when it exists)
 
 exit codes: 0 ok, 1 internal error (a bug: please report; --debug shows the traceback),
             2 bad option, 3 unreadable, invalid or unsupported model, 4 nothing prunable,
@@ -64,14 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=1, metavar="N",
                    help="every pruned group keeps a multiple of N channels (default 1); 8 or 16 suit GPU "
                    "tensor cores and int8 kernels, whose fast paths want channel counts in such multiples")
+    p.add_argument("--allocation", choices=("uniform", "global", "sensitivity"), default=None,
+                   help="how channels are shared out: uniform = every group loses --sparsity of its channels "
+                   "(default); global = rank channels across all groups (importance normalised by its group "
+                   "mean) and remove the least important until --sparsity of the MACs (or channels, see "
+                   "--global-target) is gone; sensitivity = measure each group pruned alone on held-back "
+                   "calibration samples, then remove --sparsity of the MACs with the least summed output "
+                   "distortion (needs --calibration)")
     p.add_argument("--global", dest="global_allocation", action="store_true",
-                   help="global allocation: rank channels across all groups (importance normalised by its "
-                   "group mean) and remove the least important until --sparsity of the MACs (or channels, "
-                   "see --global-target) is gone; default: every group loses --sparsity of its channels")
+                   help="same as --allocation global")
     p.add_argument("--global-target", choices=("macs", "channels"), default="macs",
                    help="with --global: what --sparsity is a fraction of (default macs)")
     p.add_argument("--max-group-sparsity", type=float, default=0.9, metavar="S",
-                   help="with --global: no group loses more than this fraction of its channels (default 0.9)")
+                   help="with --allocation global or sensitivity: no group loses more than this fraction of its "
+                   "channels (default 0.9)")
     data = p.add_argument_group("calibration data (recommended when available; no labels needed)")
     data.add_argument("--calibration", metavar="FILE.npz",
                       help="unlabelled inputs: keys = model input names (any one key for a single-input "
@@ -85,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ridge strength towards the fused weights, relative to the input energy (default 1e-3)")
     data.add_argument("--ewr-eps", type=float, default=0.05,
                       help="EWR entropic regulariser, relative to the mean transport cost (default 0.05)")
+    sens = p.add_argument_group("sensitivity analysis (needs --calibration)")
+    sens.add_argument("--analyse-only", action="store_true",
+                      help="measure the sensitivity of every group and write it as JSON to OUT (instead of a "
+                      "model); reuse it with --allocation sensitivity --sensitivity OUT")
+    sens.add_argument("--sensitivity", metavar="FILE.json",
+                      help="with --allocation sensitivity: read the analysis from FILE when it exists (it must "
+                      "come from the same model), else measure it and write it there")
+    sens.add_argument("--sensitivity-levels", metavar="L1,L2,...", default=None,
+                      help="fractions of a group's channels removed in the analysis (default 0.25,0.5,0.75)")
+    sens.add_argument("--sensitivity-plot", metavar="FILE.png",
+                      help="also draw the analysis as a heat map (group x level; needs matplotlib)")
+    sens.add_argument("--workers", type=int, metavar="N", default=None,
+                      help="local processes for the analysis (default: the cores, bounded by memory)")
+    sens.add_argument("--ray", metavar="ADDRESS", default=None,
+                      help="run the analysis as Ray tasks on the cluster at ADDRESS (e.g. auto or "
+                      "ray://head:10001; pip install 'onnx-intrafusion[ray]')")
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check of the result")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
@@ -104,6 +129,47 @@ def _same(a: Path, b: Path) -> bool:
     except OSError:
         pass
     return a.resolve() == b.resolve()
+
+
+def _allocation(args: argparse.Namespace) -> str:
+    if args.global_allocation:
+        if args.allocation not in (None, "global"):
+            raise UsageError(f"--global and --allocation {args.allocation} contradict each other")
+        return "global"
+    return args.allocation or "uniform"
+
+
+def _levels(text: str | None):
+    from .sensitivity import DEFAULT_LEVELS
+
+    if text is None:
+        return DEFAULT_LEVELS
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--sensitivity-levels wants comma-separated fractions like 0.25,0.5,0.75, got '{text}'") from None
+
+
+def _check_sensitivity_options(args: argparse.Namespace, allocation: str) -> None:
+    """Options of the analysis: which need which, one line each (before any work)."""
+    given = [name for name, value in (("--sensitivity", args.sensitivity), ("--sensitivity-levels", args.sensitivity_levels),
+                                      ("--sensitivity-plot", args.sensitivity_plot), ("--workers", args.workers),
+                                      ("--ray", args.ray)) if value is not None]
+    uses = allocation == "sensitivity" or args.analyse_only
+    if (uses or given) and not args.calibration:
+        what = "--analyse-only" if args.analyse_only else ("--allocation sensitivity" if uses else given[0])
+        raise UsageError(f"{what} needs calibration data (--calibration FILE.npz)")
+    if given and not uses:
+        raise UsageError(f"{given[0]} is used by --allocation sensitivity or --analyse-only")
+    if args.analyse_only:
+        if args.sensitivity is not None:
+            raise UsageError("--analyse-only writes the analysis to OUT; --sensitivity is for reusing it")
+        if Path(args.output).suffix.lower() == ".onnx":
+            raise UsageError("with --analyse-only, OUT is the analysis (JSON), not a model: give a .json path")
+    if args.workers is not None and args.ray is not None:
+        raise UsageError("--workers and --ray exclude each other (Ray decides where tasks run)")
+    if args.sensitivity_plot and Path(args.sensitivity_plot).resolve().parent.is_dir() is False:
+        raise OutputError(f"plot folder does not exist: {Path(args.sensitivity_plot).parent}")
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -197,6 +263,8 @@ def _run(args: argparse.Namespace) -> int:
     from .model_io import save_model
     from .pipeline import prune
 
+    allocation = _allocation(args)
+    _check_sensitivity_options(args, allocation)
     _check_paths(args)
     result = prune(
         args.input,
@@ -208,7 +276,7 @@ def _run(args: argparse.Namespace) -> int:
         ot_p=args.ot_p,
         marginals=args.marginals,
         round_to=args.round_to,
-        allocation="global" if args.global_allocation else "uniform",
+        allocation=allocation,
         global_target=args.global_target,
         max_group_sparsity=args.max_group_sparsity,
         validate=not args.no_validate,
@@ -219,8 +287,16 @@ def _run(args: argparse.Namespace) -> int:
         recover=args.recover,
         recover_alpha=args.recover_alpha,
         ewr_eps=args.ewr_eps,
+        sensitivity=args.sensitivity,
+        sensitivity_levels=_levels(args.sensitivity_levels),
+        workers=args.workers,
+        ray_address=args.ray,
+        analyse_only=args.analyse_only,
     )
-    written = save_model(result.model, args.output)
+    if args.analyse_only:
+        written = [result.sensitivity.save(args.output)]
+    else:
+        written = save_model(result.model, args.output)
     if args.report:
         try:
             _write_text(Path(args.report), result.report.to_json() + "\n")
@@ -228,8 +304,14 @@ def _run(args: argparse.Namespace) -> int:
             for path in written:  # all or nothing: no OUT without the report that was asked for
                 path.unlink(missing_ok=True)
             raise
+    if args.sensitivity_plot and result.sensitivity is not None:
+        if result.sensitivity.plot(args.sensitivity_plot) is None:
+            warnings.warn(PruneWarning("matplotlib is not installed: no sensitivity plot written "
+                                       "(pip install matplotlib)"))
+        else:
+            written.append(Path(args.sensitivity_plot))
     if not args.quiet:
-        print(result.report.to_text())
+        print(result.sensitivity.to_text() if args.analyse_only else result.report.to_text())
         print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0
 

@@ -200,3 +200,49 @@ def test_bad_sensitivity_options_are_one_line_usage_errors(kwargs, message):
     with pytest.raises(UsageError) as err:
         prune(_toy(), sparsity=0.3, validate=False, **kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _cli(*args) -> int:
+    from onnx_intrafusion.cli import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.fixture()
+def toy_files(tmp_path):
+    model, calib = tmp_path / "toy.onnx", tmp_path / "calib.npz"
+    onnx.save(_toy(), str(model))
+    np.savez(calib, **_calib())
+    return model, calib
+
+
+def test_cli_analyse_only_then_reuse(tmp_path, toy_files, capsys):
+    model, calib = toy_files
+    sens, out = tmp_path / "sens.json", tmp_path / "small.onnx"
+    assert _cli(model, sens, "--analyse-only", "--calibration", calib, "--workers", 1,
+                "--sensitivity-levels", "0.25,0.5") == 0
+    assert not out.exists() and sensitivity.Sensitivity.load(sens).levels == [0.25, 0.5]
+    assert "fc2" in capsys.readouterr().out
+    assert _cli(model, out, "--allocation", "sensitivity", "--sensitivity", sens, "--sparsity", 0.3,
+                "--calibration", calib) == 0
+    assert "read from" in capsys.readouterr().out
+    assert_valid(onnx.load(str(out)), _toy())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--allocation", "sensitivity"], "needs calibration data"),
+    (["--workers", "2", "--calibration", "{calib}"], "--workers is used by --allocation sensitivity"),
+    (["--analyse-only", "--calibration", "{calib}"], "OUT is the analysis (JSON)"),
+    (["--global", "--allocation", "sensitivity", "--calibration", "{calib}"], "contradict"),
+    (["--allocation", "sensitivity", "--calibration", "{calib}", "--sensitivity-levels", "a,b"], "comma-separated"),
+    (["--allocation", "sensitivity", "--calibration", "{calib}", "--sensitivity", "{other}"], "another model"),
+])
+def test_cli_sensitivity_usage_errors_are_one_line(tmp_path, toy_files, capsys, extra, message):
+    model, calib = toy_files
+    other = tmp_path / "other.json"
+    _table(_toy(seed=3), _calib(), workers=1, sensitivity_levels=(0.5,)).save(other)
+    out = tmp_path / "out.onnx"
+    code = _cli(model, out, *[e.format(calib=calib, other=other) for e in extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not out.exists()
