@@ -48,24 +48,6 @@ BUDGETS = (2.0, 4.0)  # x fewer MACs
 OUT = ROOT / "docs" / "results" / "sensitivity.json"
 
 
-class Evaluator:
-    def __init__(self, x, y, batch: int = 1000):
-        import onnxruntime as ort
-
-        self.ort, self.x, self.y, self.batch = ort, x, y, batch
-
-    def __call__(self, model) -> float:
-        opts = self.ort.SessionOptions()
-        opts.log_severity_level = 3
-        src = model if isinstance(model, str) else model.SerializeToString()
-        sess = self.ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        hits = 0
-        for i in range(0, len(self.x), self.batch):
-            hits += int((sess.run(None, {name: self.x[i:i + self.batch]})[0].argmax(1) == self.y[i:i + self.batch]).sum())
-        return hits / len(self.x)
-
-
 def uniform_at_budget(path: Path, budget: float, **kwargs):
     """Uniform channel sparsity meeting the MAC budget (bisection on data-free runs), then the real run."""
     lo, hi = 0.0, 0.95
@@ -81,6 +63,8 @@ def uniform_at_budget(path: Path, budget: float, **kwargs):
 
 
 def accuracy_part(args) -> list[dict]:
+    import onnx
+    from calibration import Evaluator  # benchmarks/calibration.py: accuracy on a labelled set
     from datasets import load_fashion_mnist
 
     (x_train, _), (x_test, y_test) = load_fashion_mnist("train"), load_fashion_mnist("test")
@@ -92,7 +76,7 @@ def accuracy_part(args) -> list[dict]:
         if not path.exists():
             print(f"skipping {name}: {path} not found", file=sys.stderr)
             continue
-        base = evaluate(str(path))
+        base = evaluate(onnx.load(str(path)))
         table_path = Path(args.tables) / f"{name}_legacy.sensitivity.json"
         table = prune(str(path), calibration=calib, analyse_only=True, workers=args.workers,
                       sensitivity=str(table_path)).sensitivity

@@ -175,7 +175,13 @@ def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: d
             raise UsageError("the sensitivity analysis was measured on another model (graph or weights differ)")
         return source, "given"
     if source is not None and os.path.exists(source):
-        return sensitivity_mod.Sensitivity.load(source, sensitivity_mod.fingerprint(original)), f"read from {source}"
+        table = sensitivity_mod.Sensitivity.load(source, sensitivity_mod.fingerprint(original))
+        now = dict(method=method, importance=importance, recover=recover, round_to=round_to)
+        differ = [f"{k} {table.options.get(k)} (now {v})" for k, v in now.items() if table.options.get(k) != v]
+        if differ:
+            warnings.warn(PruneWarning(f"{source} was measured with {', '.join(differ)}; using it as it is"),
+                          stacklevel=3)
+        return table, f"read from {source}"
 
     def plan(gid: int, keep: int) -> plans.ChannelMap:
         return plan_groups(analysis, values, 0.0, method, importance, seed, {gid}, ot_reg, ot_p, marginals,
