@@ -41,13 +41,17 @@ Lagrangian sweep: the measured curves are not convex (a group is often
 harmless at 0.25 and 0.5 and breaks at 0.75), and a Lagrangian sweep only
 reaches the points on the convex hull of each curve, so it can miss budgets
 between them by a whole level of a large group; the DP has no such gap and
-costs milliseconds (groups x candidates x bins, vectorised).  The DP counts
-each group's MACs as if pruned alone; a layer between two pruned groups saves
-less than the sum, so the exact count (:class:`MacModel`) then corrects the
-choice one channel step at a time: steps are taken (least distortion per MAC)
-until the budget is met, then given back (most distortion saved first, never
-one that adds distortion) while it still holds, so the result is within one
-channel step of the budget unless a step back would add distortion.
+costs well under a second (groups x candidates x bins, vectorised).  The DP
+counts each group's MACs as if pruned alone; a layer between two pruned
+groups saves less than the sum, so when the exact count (:class:`MacModel`)
+falls short, the DP is asked for that much more and solved again (a few
+rounds; the best result is kept).  Each DP answer is corrected one channel
+step at a time with the exact count: steps are taken (least distortion per
+MAC) until the budget is met, then given back (most distortion saved first,
+never one that adds distortion) while it still holds, so the result is within
+one channel step of the budget unless a step back would add distortion.  On a
+two-group chain with non-convex curves this finds the brute-force optimum
+(tests/test_sensitivity.py).
 """
 
 from __future__ import annotations
@@ -246,17 +250,42 @@ def sensitivity_keeps(analysis: Analysis, curves: dict[int, tuple[np.ndarray, np
     cands = {gid: _candidates(analysis.groups[gid].size, int(k.min()), max_group_sparsity, round_to)
              for gid, (k, _) in curves.items()}
     dist = {gid: _interpolate(*curves[gid], cands[gid]) for gid in curves}
-    keeps = {gid: int(c[0]) for gid, c in cands.items()}
-    if need > 0 and cands:
-        keeps = _knapsack(model, cands, dist, need, bins)
+    if need <= 0 or not cands:
+        return {gid: int(c[0]) for gid, c in cands.items()}, {gid: 0.0 for gid in cands}, True
+    # The knapsack counts MACs additively; where that overestimates the saving, ask it for more (by the
+    # shortfall) and try again; keep the best corrected solution.
+    best = None
+    ask = need
+    for _ in range(KNAPSACK_ROUNDS):
+        start = _knapsack(model, cands, dist, ask, bins)
+        keeps, met = _correct(model, cands, dist, start, target)
+        score = sum(float(dist[gid][np.flatnonzero(cands[gid] == k)[0]]) for gid, k in keeps.items())
+        if best is None or (met, -score) > (best[2], -best[1]):
+            best = (keeps, score, met)
+        short = need - (model.before - model.total(start))
+        if short <= 1e-9 * need:
+            break
+        ask += short
+    keeps, _, met = best
+    return keeps, {gid: float(dist[gid][np.flatnonzero(cands[gid] == k)[0]]) for gid, k in keeps.items()}, met
+
+
+#: Knapsack solutions tried (each asking for more MACs when the exact count fell short).
+KNAPSACK_ROUNDS = 8
+
+
+def _correct(model: MacModel, cands: dict[int, np.ndarray], dist: dict[int, np.ndarray], keeps: dict[int, int],
+             target: float) -> tuple[dict[int, int], bool]:
+    """Exact MAC count: take channel steps until the budget holds, then give back steps while it still does."""
+    keeps = dict(keeps)
     pos = {gid: int(np.flatnonzero(cands[gid] == k)[0]) for gid, k in keeps.items()}
+    limit = target * (1 + 1e-12)
 
     def step_total(gid: int, to: int) -> float:
         return model.total({**keeps, gid: int(cands[gid][to])})
 
-    # Exact correction: remove steps until the budget holds ...
     current = model.total(keeps)
-    while current > target * (1 + 1e-12):
+    while current > limit:  # least distortion per MAC first
         best = None
         for gid, i in pos.items():
             if i + 1 < len(cands[gid]):
@@ -269,23 +298,21 @@ def sensitivity_keeps(analysis: Analysis, curves: dict[int, tuple[np.ndarray, np
         _, gid, current = best
         pos[gid] += 1
         keeps[gid] = int(cands[gid][pos[gid]])
-    met = current <= target * (1 + 1e-12)
-    # ... then give back steps (largest distortion saving first) while it still holds.
-    while met:
+    met = current <= limit
+    while met:  # most distortion saved first; never a step that adds distortion
         best = None
         for gid, i in pos.items():
             if i > 0:
                 t = step_total(gid, i - 1)
                 gain = dist[gid][i] - dist[gid][i - 1]
-                if t <= target * (1 + 1e-12) and gain >= 0:
-                    if best is None or gain > best[0]:
-                        best = (gain, gid, t)
+                if t <= limit and gain >= 0 and (best is None or gain > best[0]):
+                    best = (gain, gid, t)
         if best is None:
             break
         _, gid, current = best
         pos[gid] -= 1
         keeps[gid] = int(cands[gid][pos[gid]])
-    return keeps, {gid: float(dist[gid][i]) for gid, i in pos.items()}, met
+    return keeps, met
 
 
 def _knapsack(model: MacModel, cands: dict[int, np.ndarray], dist: dict[int, np.ndarray], need: float,

@@ -246,3 +246,22 @@ def test_cli_sensitivity_usage_errors_are_one_line(tmp_path, toy_files, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.35, 0.5, 0.6])
+def test_knapsack_finds_the_brute_force_optimum_on_non_convex_curves(sparsity):
+    """Toy chain x[8] -> fc1 (k1) -> fc2 (k2) -> y[10]: MACs = 8*k1 + k1*k2 + 10*k2, every (k1, k2) tried."""
+    graph = model_io.to_graph(_toy())
+    analysis = coupling.analyse(graph)
+    a, b = (next(g.id for g in analysis.groups if g.origin == o) for o in (MATTER, DUPLICATES))
+    keeps = np.array([16, 12, 8, 4])
+    curves = {a: (keeps, np.array([0.0, 0.5, 0.6, 3.0])),  # non-convex: cheap 12 -> 8, expensive 8 -> 4
+              b: (keeps, np.array([0.0, 0.05, 1.0, 1.1]))}
+    chosen, predicted, met = allocation.sensitivity_keeps(analysis, curves, sparsity,
+                                                          allocation.node_macs(graph, analysis))
+    macs = lambda k1, k2: 8 * k1 + k1 * k2 + 10 * k2  # noqa: E731
+    budget = (1 - sparsity) * macs(16, 16)
+    best = min(np.interp(k1, keeps[::-1], curves[a][1][::-1]) + np.interp(k2, keeps[::-1], curves[b][1][::-1])
+               for k1 in range(4, 17) for k2 in range(4, 17) if macs(k1, k2) <= budget)
+    assert met and macs(chosen[a], chosen[b]) <= budget
+    assert sum(predicted.values()) == pytest.approx(best, rel=1e-9, abs=1e-12)
