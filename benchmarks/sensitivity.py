@@ -45,6 +45,7 @@ from onnx_intrafusion.sensitivity import Sensitivity  # noqa: E402
 FASHION = ROOT / "samples" / "fashion"
 MODELS = ("vgg11bn", "resnet18", "mobilenetv2", "mobilenetv3")
 BUDGETS = (2.0, 4.0)  # x fewer MACs
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 OUT = ROOT / "docs" / "results" / "sensitivity.json"
 
 
@@ -85,7 +86,7 @@ def accuracy_part(args) -> list[dict]:
         print(table.to_text(max_rows=12), flush=True)
         for budget in args.budgets:
             common = dict(calibration=calib, seed=args.seed)
-            for allocation in ("uniform", "global", "sensitivity"):
+            for allocation in args.allocations:
                 t = time.perf_counter()
                 if allocation == "uniform":
                     result, channel_sparsity = uniform_at_budget(path, budget, **common)
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
+    p.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=ALLOCATIONS)
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -183,8 +185,10 @@ def main(argv=None) -> int:
         if args.fresh:
             for name in args.models:
                 (Path(args.tables) / f"{name}_legacy.sensitivity.json").unlink(missing_ok=True)
-        done = [r for r in result.get("accuracy", []) if r["model"] not in args.models]
-        result["accuracy"] = done + accuracy_part(args)
+        new = accuracy_part(args)
+        key = lambda r: (r["model"], r["budget"], r["allocation"])  # noqa: E731
+        fresh = {key(r) for r in new}
+        result["accuracy"] = [r for r in result.get("accuracy", []) if key(r) not in fresh] + new
         result["accuracy_settings"] = dict(samples=args.samples, seed=args.seed, budgets=args.budgets,
                                            method="intrafusion", recover="lstsq", importance="l1",
                                            levels=[0.25, 0.5, 0.75])
