@@ -182,28 +182,3 @@ def split_holdback(arrays: dict[str, np.ndarray], fraction: float = HOLDBACK_FRA
 
 
 __all__ = ["read", "match", "batches", "input_specs", "sample_count", "split_holdback"]
-
-
-def resolve_options(calibration, samples: int | None, recover: str | None, importance: str,
-                    alpha: float, ewr_eps: float) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Check the data-aware options before any work: (calibration arrays or None, recovery mode).
-
-    ``recover=None`` means lstsq with calibration data and none without.
-    """
-    from .recovery import MODES
-
-    if recover is not None and recover not in MODES:
-        raise UsageError(f"unknown recovery '{recover}' (choose from {', '.join(MODES)})")
-    if not (isinstance(alpha, (int, float)) and alpha > 0 and np.isfinite(alpha)):
-        raise UsageError(f"recover-alpha must be > 0, got {alpha}")
-    if not (isinstance(ewr_eps, (int, float)) and ewr_eps > 0 and np.isfinite(ewr_eps)):
-        raise UsageError(f"ewr-eps must be > 0, got {ewr_eps}")
-    if calibration is None:
-        if recover not in (None, "none"):
-            raise UsageError(f"--recover {recover} needs calibration data (--calibration FILE.npz)")
-        if importance == "activation":
-            raise UsageError("--importance activation needs calibration data (--calibration FILE.npz)")
-        if samples is not None:
-            raise UsageError("--calibration-samples needs calibration data (--calibration FILE.npz)")
-        return None, "none"
-    return read(calibration, samples), recover or "lstsq"

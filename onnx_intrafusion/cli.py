@@ -8,6 +8,8 @@ import signal
 import sys
 import traceback
 import warnings
+import stat
+from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
@@ -39,9 +41,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.25,0.5,0.75, got '{text}'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .importance import IMPORTANCES
-    from .plans import MARGINALS, METHODS
+    """Flags whose ``dest`` is the name of an :class:`~onnx_intrafusion.options.Options` field."""
+    from .options import ALLOCATIONS, DATA_IMPORTANCES, GLOBAL_TARGETS, MARGINALS, METHODS, PROVIDERS, \
+        RECOVERIES, WEIGHT_IMPORTANCES
 
     p = _Parser(
         prog="onnx-intrafusion",
@@ -51,75 +78,94 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="IN.onnx", help="model to prune (never modified)")
-    p.add_argument("output", metavar="OUT.onnx", help="where to write the pruned model")
+    p.add_argument("output", metavar="OUT.onnx", help="where to write the pruned model (a regular file path; "
+                   "a symlink is followed and its target replaced)")
     p.add_argument("--sparsity", type=float, default=0.5,
-                   help="fraction of channels removed in every prunable group, 0 <= S < 1 (default 0.5)")
+                   help="fraction of channels removed in every prunable group, 0 <= S < 1 (default 0.5); with "
+                   "--allocation global: fraction of the MACs removed")
     p.add_argument("--method", choices=METHODS, default="intrafusion",
                    help="intrafusion: merge removed channels into kept ones (default); prune: drop them")
-    p.add_argument("--importance", choices=(*IMPORTANCES, "activation"), default="l1",
+    p.add_argument("--importance", choices=(*WEIGHT_IMPORTANCES, *DATA_IMPORTANCES), default="l1",
                    help="channel importance that picks the kept channels (default l1); activation = mean "
                    "|activation| on the calibration data (needs --calibration)")
-    p.add_argument("--ot-reg", type=float, default=0.0,
-                   help="entropic regularisation for Sinkhorn, relative to the largest cost; 0 = exact OT (default)")
-    p.add_argument("--ot-p", type=float, default=1.0, help="Minkowski p of the transport ground cost (default 1)")
-    p.add_argument("--marginals", choices=MARGINALS, default="uniform",
-                   help="transport marginals: uniform (default) or importance-weighted")
-    p.add_argument("--round-to", type=int, default=1, metavar="N",
-                   help="every pruned group keeps a multiple of N channels (default 1); 8 or 16 suit GPU "
-                   "tensor cores and int8 kernels, whose fast paths want channel counts in such multiples")
-    p.add_argument("--allocation", choices=("uniform", "global", "sensitivity"), default=None,
-                   help="how channels are shared out: uniform = every group loses --sparsity of its channels "
-                   "(default); global = rank channels across all groups (importance normalised by its group "
-                   "mean) and remove the least important until --sparsity of the MACs (or channels, see "
-                   "--global-target) is gone; sensitivity = measure each group pruned alone on held-back "
-                   "calibration samples, then remove --sparsity of the MACs with the least summed output "
-                   "distortion (needs --calibration)")
-    p.add_argument("--global", dest="global_allocation", action="store_true",
-                   help="same as --allocation global")
-    p.add_argument("--global-target", choices=("macs", "channels"), default="macs",
-                   help="with --global: what --sparsity is a fraction of (default macs)")
-    p.add_argument("--max-group-sparsity", type=float, default=0.9, metavar="S",
-                   help="with --allocation global or sensitivity: no group loses more than this fraction of its "
-                   "channels (default 0.9)")
+    ot = p.add_argument_group("Intra-Fusion transport (only with --method intrafusion)")
+    ot.add_argument("--ot-reg", type=float, default=None,
+                    help="entropic regularisation for Sinkhorn, relative to the largest cost; 0 = exact OT (default)")
+    ot.add_argument("--ot-p", type=float, default=None, help="Minkowski p of the transport ground cost (default 1)")
+    ot.add_argument("--marginals", choices=MARGINALS, default=None,
+                    help="transport marginals: uniform (default) or importance-weighted")
+    alloc = p.add_argument_group("allocation")
+    alloc.add_argument("--round-to", type=_positive_int, default=1, metavar="N",
+                       help="every pruned group keeps a multiple of N channels (default 1); 8 or 16 suit GPU "
+                       "tensor cores, int8 kernels and onnxruntime's blocked CPU convolutions")
+    alloc.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                       help="uniform: every group loses --sparsity of its channels (default); global: rank "
+                       "channels across all groups (importance normalised by its group mean) and remove the "
+                       "least important until --sparsity of the MACs (or channels, see --global-target) is gone; "
+                       "sensitivity: measure each group pruned alone on held-back calibration samples, then "
+                       "remove --sparsity of the MACs with the least summed output distortion (needs --calibration)")
+    alloc.add_argument("--global", dest="allocation", action="store_const", const="global",
+                       help="same as --allocation global")
+    alloc.add_argument("--global-target", choices=GLOBAL_TARGETS, default=None,
+                       help="with --allocation global: what --sparsity is a fraction of (default macs)")
+    alloc.add_argument("--max-group-sparsity", type=float, default=None, metavar="S",
+                       help="with --allocation global or sensitivity: no group loses more than this fraction of "
+                       "its channels (default 0.9)")
+    sens = p.add_argument_group("sensitivity analysis (needs --calibration)")
+    sens.add_argument("--analyse-only", action="store_true",
+                      help="measure the sensitivity of every group and write it as JSON to OUT (a .json path; no "
+                      "model is written); reuse it with --allocation sensitivity --sensitivity OUT")
+    sens.add_argument("--sensitivity", metavar="FILE.json", default=None,
+                      help="with --allocation sensitivity: read the analysis from FILE when it exists (it must "
+                      "come from the same model), else measure it and write it there")
+    sens.add_argument("--sensitivity-levels", type=_levels, metavar="L1,L2,...", default=None,
+                      help="fractions of a group's channels removed in the analysis (default 0.25,0.5,0.75)")
+    sens.add_argument("--sensitivity-plot", metavar="FILE.png", default=None,
+                      help="also draw the analysis as a heat map, group x level (needs matplotlib)")
+    sens.add_argument("--workers", type=_positive_int, metavar="N", default=None,
+                      help="local processes for the analysis (default: the cores, bounded by memory)")
+    sens.add_argument("--ray", dest="ray_address", metavar="ADDRESS", default=None,
+                      help="run the analysis as Ray tasks on the cluster at ADDRESS (e.g. auto or "
+                      "ray://head:10001; pip install 'onnx-intrafusion[ray]')")
     data = p.add_argument_group("calibration data (recommended when available; no labels needed)")
     data.add_argument("--calibration", metavar="FILE.npz",
                       help="unlabelled inputs: keys = model input names (any one key for a single-input "
-                      "model), first axis = samples; a few hundred are enough")
-    data.add_argument("--calibration-samples", type=int, metavar="N", help="use at most N calibration samples")
-    data.add_argument("--recover", choices=("none", "bias", "lstsq", "ewr"), default=None,
+                      "model), first axis = samples; a few hundred are enough. 10%% are held back to check "
+                      "every fitted step and to validate")
+    data.add_argument("--calibration-samples", type=_positive_int, default=None, metavar="N",
+                      help="use at most N calibration samples")
+    data.add_argument("--recover", choices=RECOVERIES, default=None,
                       help="re-fit each pruned layer on the calibration data, input to output: bias = mean "
                       "shift, lstsq = ridge least squares (default with --calibration), ewr = entropic "
                       "Wasserstein regression (SWAP); none without --calibration")
-    data.add_argument("--recover-alpha", type=float, default=1e-3,
-                      help="ridge strength towards the fused weights, relative to the input energy (default 1e-3)")
-    data.add_argument("--ewr-eps", type=float, default=0.05,
-                      help="EWR entropic regulariser, relative to the mean transport cost (default 0.05)")
-    sens = p.add_argument_group("sensitivity analysis (needs --calibration)")
-    sens.add_argument("--analyse-only", action="store_true",
-                      help="measure the sensitivity of every group and write it as JSON to OUT (instead of a "
-                      "model); reuse it with --allocation sensitivity --sensitivity OUT")
-    sens.add_argument("--sensitivity", metavar="FILE.json",
-                      help="with --allocation sensitivity: read the analysis from FILE when it exists (it must "
-                      "come from the same model), else measure it and write it there")
-    sens.add_argument("--sensitivity-levels", metavar="L1,L2,...", default=None,
-                      help="fractions of a group's channels removed in the analysis (default 0.25,0.5,0.75)")
-    sens.add_argument("--sensitivity-plot", metavar="FILE.png",
-                      help="also draw the analysis as a heat map (group x level; needs matplotlib)")
-    sens.add_argument("--workers", type=int, metavar="N", default=None,
-                      help="local processes for the analysis (default: the cores, bounded by memory)")
-    sens.add_argument("--ray", metavar="ADDRESS", default=None,
-                      help="run the analysis as Ray tasks on the cluster at ADDRESS (e.g. auto or "
-                      "ray://head:10001; pip install 'onnx-intrafusion[ray]')")
-    p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
-    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime check of the result")
-    p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="onnxruntime provider for validation: auto = CUDA when usable, else CPU")
-    p.add_argument("--seed", type=int, default=0, help="seed for random importance and validation inputs")
+    data.add_argument("--recover-alpha", type=float, default=None,
+                      help="lstsq/ewr: ridge strength towards the fused weights, relative to the input energy "
+                      "(default 1e-3)")
+    data.add_argument("--ewr-eps", type=float, default=None,
+                      help="ewr: entropic regulariser, relative to the mean transport cost (default 0.05)")
+    out = p.add_argument_group("output and validation")
+    out.add_argument("--report", metavar="REPORT.json",
+                     help="also write the report as JSON ('-': to stdout; the table then goes to stderr)")
+    out.add_argument("--no-validate", dest="validate", action="store_false",
+                     help="skip the onnxruntime check of the result")
+    out.add_argument("--provider", choices=PROVIDERS, default="auto",
+                     help="onnxruntime provider for validation: auto = CUDA when usable, else CPU")
+    out.add_argument("--allow-unchanged", action="store_true",
+                     help="write an unchanged copy when nothing can be pruned at these settings (default: exit 4)")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed for random importance, the held-back split and validation inputs (default 0)")
     p.add_argument("--quiet", action="store_true", help="print only errors (no progress, no report table)")
     p.add_argument("--debug", action="store_true",
-                   help=f"print the traceback of an internal error (or set {DEBUG_ENV}=1)")
+                   help=f"print the traceback of an internal error and library warnings (or set {DEBUG_ENV}=1)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def options_from_args(args: argparse.Namespace):
+    """The run's :class:`Options` from parsed arguments (dest = field name)."""
+    from .options import Options
+
+    return Options(**{f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)})
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -131,53 +177,39 @@ def _same(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _allocation(args: argparse.Namespace) -> str:
-    if args.global_allocation:
-        if args.allocation not in (None, "global"):
-            raise UsageError(f"--global and --allocation {args.allocation} contradict each other")
-        return "global"
-    return args.allocation or "uniform"
+def _regular_or_absent(path: Path, what: str) -> Path:
+    """Where ``path`` will really be written: itself, or a symlink's target.
 
-
-def _levels(text: str | None):
-    from .sensitivity import DEFAULT_LEVELS
-
-    if text is None:
-        return DEFAULT_LEVELS
+    Devices, FIFOs, sockets and directories are refused (exit 6) before any
+    work: an atomic rename would replace them with a regular file (as root,
+    ``/dev/null`` would be gone).  A symlink is followed: the file it points
+    to is replaced atomically in its own folder and the link keeps pointing
+    at it.
+    """
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"--sensitivity-levels wants comma-separated fractions like 0.25,0.5,0.75, got '{text}'") from None
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as exc:
+        raise OutputError(f"cannot use {what} {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"{what} is a directory: {path}")
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise OutputError(f"{what} {path} is {kind}; give the path of a regular file")
+    return target
 
 
-def _check_sensitivity_options(args: argparse.Namespace, allocation: str) -> None:
-    """Options of the analysis: which need which, one line each (before any work)."""
-    given = [name for name, value in (("--sensitivity", args.sensitivity), ("--sensitivity-levels", args.sensitivity_levels),
-                                      ("--sensitivity-plot", args.sensitivity_plot), ("--workers", args.workers),
-                                      ("--ray", args.ray)) if value is not None]
-    uses = allocation == "sensitivity" or args.analyse_only
-    if (uses or given) and not args.calibration:
-        what = "--analyse-only" if args.analyse_only else ("--allocation sensitivity" if uses else given[0])
-        raise UsageError(f"{what} needs calibration data (--calibration FILE.npz)")
-    if given and not uses:
-        raise UsageError(f"{given[0]} is used by --allocation sensitivity or --analyse-only")
-    if args.analyse_only:
-        if args.sensitivity is not None:
-            raise UsageError("--analyse-only writes the analysis to OUT; --sensitivity is for reusing it")
-        if Path(args.output).suffix.lower() == ".onnx":
-            raise UsageError("with --analyse-only, OUT is the analysis (JSON), not a model: give a .json path")
-    if args.workers is not None and args.ray is not None:
-        raise UsageError("--workers and --ray exclude each other (Ray decides where tasks run)")
-    if args.sensitivity_plot and Path(args.sensitivity_plot).resolve().parent.is_dir() is False:
-        raise OutputError(f"plot folder does not exist: {Path(args.sensitivity_plot).parent}")
-
-
-def _check_paths(args: argparse.Namespace) -> None:
+def _check_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(where OUT goes, where the report goes or None for stdout/none); errors before any work."""
     from .model_io import input_files
 
-    src, dst = Path(args.input), Path(args.output)
+    src = Path(args.input)
+    dst = _regular_or_absent(Path(args.output), "OUT")
     protected = input_files(src)  # IN and its external data files: never written
-    data = dst.with_name(dst.name + ".data")
+    data = _regular_or_absent(dst.with_name(dst.name + ".data"), "OUT.data")
     if any(_same(p, dst) or _same(p, data) for p in protected):
         raise UsageError("OUT must differ from IN and from its external data file (the input is never overwritten)")
     folder = dst.parent if str(dst.parent) else Path(".")
@@ -185,16 +217,24 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise OutputError(f"output folder does not exist: {folder}")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder is not writable: {folder}")
-    if dst.is_dir():
-        raise OutputError(f"output path is a directory: {dst}")
-    if args.report:
-        report = Path(args.report)
+    report = None
+    if args.analyse_only and dst.suffix.lower() == ".onnx":
+        raise UsageError("with --analyse-only, OUT is the analysis (JSON), not a model: give a .json path")
+    if args.analyse_only and args.sensitivity is not None:
+        raise UsageError("--analyse-only writes the analysis to OUT; --sensitivity is for reusing it")
+    if args.sensitivity_plot is not None:
+        if not (args.analyse_only or args.allocation == "sensitivity"):
+            raise UsageError("--sensitivity-plot only applies to --allocation sensitivity or --analyse-only")
+        plot = _regular_or_absent(Path(args.sensitivity_plot), "the plot path")
+        if any(_same(p, plot) for p in [*protected, dst, data]) or not plot.resolve().parent.is_dir():
+            raise OutputError(f"cannot write the plot to {args.sensitivity_plot} (folder missing or IN/OUT)")
+    if args.report and args.report != "-":
+        report = _regular_or_absent(Path(args.report), "REPORT")
         if any(_same(p, report) for p in [*protected, dst, data]):
             raise UsageError("REPORT.json must differ from IN, OUT and their data files")
         if not report.resolve().parent.is_dir():
             raise OutputError(f"report folder does not exist: {report.parent}")
-        if report.is_dir():
-            raise OutputError(f"report path is a directory: {report}")
+    return dst, report
 
 
 class _Terminated(BaseException):
@@ -216,12 +256,36 @@ def _warning_printer(debug: bool):
     return show
 
 
+def _emit(text: str, stream) -> bool:
+    """Print to a stream that may be closed (``| head``): False, and the stream muted, if it is."""
+    try:
+        print(text, file=stream, flush=True)
+        return True
+    except (BrokenPipeError, ValueError, OSError):
+        _mute(stream)
+        return False
+
+
+def _mute(stream) -> None:
+    """Point a broken stream at /dev/null so that Python's exit-time flush cannot fail the run."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .plans import preload_pot
 
     preload_pot()  # POT without torch/jax/sklearn: seconds faster to start
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if not debug:
+        from .model_io import quiet_graphsurgeon
+
+        quiet_graphsurgeon().__enter__()  # for the whole process: library chatter only with --debug
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (e.g. called from a worker): leave signals alone
@@ -235,73 +299,60 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("ignore", PruneWarning)
             return _run(args)
     except UserError as exc:
-        print(f"onnx-intrafusion: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        _emit(f"onnx-intrafusion: error: {' '.join(str(exc).split())}", sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("onnx-intrafusion: interrupted; nothing written", file=sys.stderr)
+        _emit("onnx-intrafusion: interrupted; nothing written", sys.stderr)
         return INTERRUPTED_EXIT
     except _Terminated:
-        print("onnx-intrafusion: terminated; nothing written", file=sys.stderr)
+        _emit("onnx-intrafusion: terminated; nothing written", sys.stderr)
         return TERMINATED_EXIT
     except Exception as exc:  # noqa: BLE001 - a bug: one line, no partial output, traceback on request
         if debug:
             traceback.print_exc()
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         hint = "" if debug else f" (rerun with --debug or {DEBUG_ENV}=1 for the traceback)"
-        print(f"onnx-intrafusion: internal error, please report: {detail}; nothing written{hint}",
-              file=sys.stderr)
+        _emit(f"onnx-intrafusion: internal error, please report: {detail}; nothing written{hint}", sys.stderr)
         return INTERNAL_ERROR_EXIT
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                _mute(stream)
+
+
+def _progress(args: argparse.Namespace):
+    """A bar on a terminal, plain stage lines in a log or pipe, nothing with --quiet."""
+    from .progress import LogProgress, Progress, TerminalProgress
+
+    if args.quiet:
+        return Progress()
+    return TerminalProgress() if sys.stderr.isatty() else LogProgress()
 
 
 def _run(args: argparse.Namespace) -> int:
-    # Progress goes to a terminal only: pipes and logs get the report alone.
-    show_progress = not args.quiet and sys.stderr.isatty()
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if show_progress else None
     from .model_io import save_model
     from .pipeline import prune
 
-    allocation = _allocation(args)
-    _check_sensitivity_options(args, allocation)
-    _check_paths(args)
-    result = prune(
-        args.input,
-        sparsity=args.sparsity,
-        method=args.method,
-        importance=args.importance,
-        seed=args.seed,
-        ot_reg=args.ot_reg,
-        ot_p=args.ot_p,
-        marginals=args.marginals,
-        round_to=args.round_to,
-        allocation=allocation,
-        global_target=args.global_target,
-        max_group_sparsity=args.max_group_sparsity,
-        validate=not args.no_validate,
-        provider=args.provider,
-        progress=say,
-        calibration=args.calibration,
-        calibration_samples=args.calibration_samples,
-        recover=args.recover,
-        recover_alpha=args.recover_alpha,
-        ewr_eps=args.ewr_eps,
-        sensitivity=args.sensitivity,
-        sensitivity_levels=_levels(args.sensitivity_levels),
-        workers=args.workers,
-        ray_address=args.ray,
-        analyse_only=args.analyse_only,
-    )
-    if args.analyse_only:
-        written = [result.sensitivity.save(args.output)]
-    else:
-        written = save_model(result.model, args.output)
+    options = options_from_args(args)
+    dst, report_path = _check_paths(args)
+    result = prune(args.input, options=options, calibration=args.calibration, progress=_progress(args))
+    written = [result.sensitivity.save(dst)] if args.analyse_only else save_model(result.model, dst)
+    result.report.output = str(Path(args.output))
+    # From here OUT is complete: only a report that was asked for and could not be
+    # written undoes it (all or nothing); a closed stdout/stderr never does.
     if args.report:
         try:
-            _write_text(Path(args.report), result.report.to_json() + "\n")
+            if report_path is None:  # "-": the JSON is the only thing on stdout
+                if not _emit(result.report.to_json(), sys.stdout):
+                    raise OutputError("cannot write the report to stdout (closed)")
+            else:
+                _write_text(report_path, result.report.to_json() + "\n")
         except BaseException:
-            for path in written:  # all or nothing: no OUT without the report that was asked for
+            for path in written:
                 path.unlink(missing_ok=True)
             raise
     if args.sensitivity_plot and result.sensitivity is not None:
@@ -311,8 +362,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             written.append(Path(args.sensitivity_plot))
     if not args.quiet:
-        print(result.sensitivity.to_text() if args.analyse_only else result.report.to_text())
-        print(f"\nwrote {', '.join(str(p) for p in written)}")
+        table = sys.stderr if args.report == "-" else sys.stdout
+        text = result.sensitivity.to_text() if args.analyse_only else result.report.to_text()
+        _emit(text, table) and _emit(f"\nwrote {', '.join(str(p) for p in written)}", table)
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,33 @@ from .errors import ModelError, OutputError, ValidationError
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
 
 MIN_OPSET = 9
+
+
+@contextmanager
+def quiet_graphsurgeon():
+    """Silence onnx-graphsurgeon's own log lines while we fold constants.
+
+    Its warnings ("Inference failed ...", "colored module is not installed")
+    describe folds we try on purpose and tolerate (``error_ok=True``); the
+    outcome reaches the user through our own report or errors instead.
+    """
+    logger = gs.logger.G_LOGGER if hasattr(gs, "logger") else None
+    if logger is None:
+        yield
+        return
+    previous = logger.severity
+    logger.severity = logger.CRITICAL + 1
+    try:
+        yield
+    finally:
+        logger.severity = previous
+
+
+def fold(graph: gs.Graph) -> gs.Graph:
+    """Fold constant subgraphs in place, quietly; returns the graph."""
+    with quiet_graphsurgeon():
+        graph.fold_constants(error_ok=True).cleanup().toposort()
+    return graph
 
 
 @dataclass
@@ -245,11 +273,10 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     graph = gs.import_onnx(_inferred(model))
     # Shapes first: folding then also evaluates Shape ops on static shapes
     # (the legacy exporter computes chunk/split sizes from Shape).
-    graph.fold_constants(error_ok=True).cleanup().toposort()
+    fold(graph)
     if any(n.op == "Shape" for n in graph.nodes):
         # Folding may have made more shapes static (computed Pad amounts): once more.
-        graph = gs.import_onnx(_inferred(gs.export_onnx(graph, do_type_check=False)))
-        graph.fold_constants(error_ok=True).cleanup().toposort()
+        graph = fold(gs.import_onnx(_inferred(gs.export_onnx(graph, do_type_check=False))))
     _name_nodes(graph)
     return infer_graph_shapes(graph, model)
 

@@ -21,54 +21,28 @@ from . import allocation as allocation_mod, coupling, importance as importance_m
 from . import sensitivity as sensitivity_mod
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
 from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
-from .report import GroupRow, Report, model_stats
+from .options import FEW_CALIBRATION_SAMPLES, Options
+from .progress import Progress, as_progress
+from .report import GroupRow, Report, mac_count, params_count
 
-Progress = Callable[[str], None]
 
 
 @dataclass
 class PruneResult:
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None  # None with analyse_only
     report: Report
     external_data: bool = False  # the input kept its weights in an external file
     sensitivity: sensitivity_mod.Sensitivity | None = None  # the analysis behind a sensitivity allocation
 
 
-def check_options(sparsity: float, method: str, importance: str, ot_reg: float = 0.0, ot_p: float = 1.0,
-                  marginals: str = "uniform", round_to: int = 1, allocation: str = "uniform",
-                  global_target: str = "macs", max_group_sparsity: float = 0.9) -> None:
-    """Raise :class:`UsageError` for an option out of range, before any work."""
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0 or np.isnan(sparsity):
-        raise UsageError(f"sparsity must be in [0, 1), got {sparsity}")
-    if method not in plans.METHODS:
-        raise UsageError(f"unknown method '{method}' (choose from {', '.join(plans.METHODS)})")
-    if importance not in importance_mod.IMPORTANCES:
-        raise UsageError(f"unknown importance '{importance}' (choose from {', '.join(importance_mod.IMPORTANCES)})")
-    if marginals not in plans.MARGINALS:
-        raise UsageError(f"unknown marginals '{marginals}' (choose from {', '.join(plans.MARGINALS)})")
-    if not ot_reg >= 0:
-        raise UsageError(f"ot-reg must be >= 0, got {ot_reg}")
-    if not ot_p >= 1:
-        raise UsageError(f"ot-p must be >= 1, got {ot_p}")
-    if int(round_to) < 1:
-        raise UsageError(f"round-to must be >= 1, got {round_to}")
-    if allocation not in allocation_mod.ALLOCATIONS:
-        raise UsageError(f"unknown allocation '{allocation}' (choose from {', '.join(allocation_mod.ALLOCATIONS)})")
-    if global_target not in allocation_mod.TARGETS:
-        raise UsageError(f"unknown global target '{global_target}' (choose from {', '.join(allocation_mod.TARGETS)})")
-    if not isinstance(max_group_sparsity, (int, float)) or not 0.0 < float(max_group_sparsity) < 1.0:
-        raise UsageError(f"max-group-sparsity must be in (0, 1), got {max_group_sparsity}")
-
-
 class _Timer:
-    def __init__(self, progress: Progress | None):
+    def __init__(self, progress: Progress):
         self.timings: dict[str, float] = {}
         self.progress = progress
 
     @contextmanager
     def stage(self, name: str):
-        if self.progress:
-            self.progress(f"{name} ...")
+        self.progress.stage(name)
         start = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - start, 4)
@@ -96,10 +70,8 @@ def _group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.nd
     return scored, features
 
 
-#: Progress (on a terminal) names every group at least this wide before planning it,
-#: and any group when the last message is older than PROGRESS_EVERY_S.
+#: Progress names every group at least this wide before planning it (it can take seconds).
 PROGRESS_WIDE_GROUP = 512
-PROGRESS_EVERY_S = 1.0
 
 
 def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
@@ -134,49 +106,44 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     ``given_scores`` (group id -> per-channel scores, e.g. activation
     importance) replaces the weight-based ``importance`` for those groups.
     """
+    progress = as_progress(progress)
     maps = {}
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
-    last = time.perf_counter()
-    for n, group in enumerate(todo, 1):
-        if keeps is None:
-            keep = plans.keep_count(group.size, sparsity, round_to)
-        else:
-            keep = keeps.get(group.id, group.size)
-        if keep == group.size:
-            continue
-        if progress and (group.size >= PROGRESS_WIDE_GROUP or time.perf_counter() - last > PROGRESS_EVERY_S):
-            # Before the work: a wide group can take seconds (its cost matrix is C x k x features).
-            progress(f"  group {group.id}: {group.size} -> {keep} channels ({n}/{len(todo)})")
-            last = time.perf_counter()
-        scored, features = _group_rows(group, values)
-        scores = _scores(group, scored, importance, seed, given_scores)
-        kept = importance_mod.top_k(scores, keep)
-        if method == "prune":
-            maps[group.id] = plans.selection(group.size, kept)
-        else:
-            mass = scores if marginals == "importance" else None
-            maps[group.id] = plans.fusion(plans.normalised_features(features), kept, mass, ot_reg, ot_p)
+    with progress.steps("groups planned", len(todo)) as steps:
+        for group in todo:
+            keep = plans.keep_count(group.size, sparsity, round_to) if keeps is None else keeps.get(group.id, group.size)
+            if keep == group.size:
+                steps.advance()
+                continue
+            if group.size >= PROGRESS_WIDE_GROUP:
+                # Before the work: a wide group can take seconds (its cost matrix is C x k x features).
+                progress.note(f"  group {group.id}: {group.size} -> {keep} channels")
+            scored, features = _group_rows(group, values)
+            scores = _scores(group, scored, importance, seed, given_scores)
+            kept = importance_mod.top_k(scores, keep)
+            if method == "prune":
+                maps[group.id] = plans.selection(group.size, kept)
+            else:
+                mass = scores if marginals == "importance" else None
+                maps[group.id] = plans.fusion(plans.normalised_features(features), kept, mass, ot_reg, ot_p)
+            steps.advance(detail=f"group {group.id}: {group.size}->{keep}")
     return maps
 
 
 def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: dict[str, np.ndarray],
                  calib: dict[str, np.ndarray], selected: set[int] | None,
-                 given_scores: dict[int, np.ndarray] | None, source, levels, workers: int | None,
-                 ray_address: str | None, progress: Progress | None, *, method: str, importance: str, seed: int,
-                 ot_reg: float, ot_p: float, marginals: str, round_to: int, recover: str, recover_alpha: float,
-                 ewr_eps: float) -> tuple[sensitivity_mod.Sensitivity, str]:
-    """(the analysis, where it came from): loaded from ``source`` when that file exists, else measured.
+                 given_scores: dict[int, np.ndarray] | None, opts: Options,
+                 progress: Progress) -> tuple[sensitivity_mod.Sensitivity, str]:
+    """(the analysis, where it came from): read from ``opts.sensitivity`` when that file exists, else measured.
 
-    A measured analysis is written to ``source`` when it is a path.  The
-    channel maps come from :func:`plan_groups`, i.e. exactly the run's own.
+    A measured analysis is written to ``opts.sensitivity`` when given.  The
+    channel maps come from :func:`plan_groups`, i.e. exactly the run's own;
+    handing :mod:`sensitivity` this callable keeps it free of the pipeline.
     """
-    if isinstance(source, sensitivity_mod.Sensitivity):
-        if source.fingerprint != sensitivity_mod.fingerprint(original):
-            raise UsageError("the sensitivity analysis was measured on another model (graph or weights differ)")
-        return source, "given"
+    source = opts.sensitivity
     if source is not None and os.path.exists(source):
         table = sensitivity_mod.Sensitivity.load(source, sensitivity_mod.fingerprint(original))
-        now = dict(method=method, importance=importance, recover=recover, round_to=round_to)
+        now = dict(method=opts.method, importance=opts.importance, recover=opts.recover, round_to=opts.round_to)
         differ = [f"{k} {table.options.get(k)} (now {v})" for k, v in now.items() if table.options.get(k) != v]
         if differ:
             warnings.warn(PruneWarning(f"{source} was measured with {', '.join(differ)}; using it as it is"),
@@ -184,16 +151,17 @@ def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: d
         return table, f"read from {source}"
 
     def plan(gid: int, keep: int) -> plans.ChannelMap:
-        return plan_groups(analysis, values, 0.0, method, importance, seed, {gid}, ot_reg, ot_p, marginals,
+        return plan_groups(analysis, values, 0.0, opts.method, opts.importance, opts.seed, {gid},
+                           opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform",
                            keeps={gid: keep}, given_scores=given_scores)[gid]
 
-    from . import calibration as calibration_mod
-
     table = sensitivity_mod.analyse(
-        original, graph, analysis, plan, calibration_mod.match(calib, original), levels=levels,
-        group_ids=selected, round_to=round_to, recover=recover, recover_alpha=recover_alpha, ewr_eps=ewr_eps,
-        seed=seed, workers=workers, ray_address=ray_address, progress=progress,
-        options=dict(method=method, importance=importance, ot_reg=ot_reg, ot_p=ot_p, marginals=marginals))
+        original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=selected,
+        round_to=opts.round_to, recover=opts.recover, recover_alpha=opts.recover_alpha or 1e-3,
+        ewr_eps=opts.ewr_eps or 0.05, seed=opts.seed, workers=opts.workers, ray_address=opts.ray_address,
+        progress=progress,
+        options=dict(method=opts.method, importance=opts.importance, ot_reg=opts.ot_reg, ot_p=opts.ot_p,
+                     marginals=opts.marginals))
     if source is not None:
         table.save(source)
         return table, f"measured, written to {source}"
@@ -235,34 +203,19 @@ def prune(
     method: str = "intrafusion",
     importance: str = "l1",
     *,
-    seed: int = 0,
-    groups: Iterable[int] | None = None,
-    ot_reg: float = 0.0,
-    ot_p: float = 1.0,
-    marginals: str = "uniform",
-    round_to: int = 1,
-    allocation: str = "uniform",
-    global_target: str = "macs",
-    max_group_sparsity: float = 0.9,
-    validate: bool = True,
-    provider: str = "auto",
-    progress: Progress | None = None,
     calibration=None,
-    calibration_samples: int | None = None,
-    recover: str | None = None,
-    recover_alpha: float = 1e-3,
-    ewr_eps: float = 0.05,
-    sensitivity=None,
-    sensitivity_levels: Iterable[float] = sensitivity_mod.DEFAULT_LEVELS,
-    workers: int | None = None,
-    ray_address: str | None = None,
-    analyse_only: bool = False,
+    progress: Progress | Callable[[str], None] | None = None,
+    options: Options | None = None,
+    **option_fields,
 ) -> PruneResult:
     """Prune every prunable channel group of ``model`` by ``sparsity``.
 
-    ``model`` is a path or an ``onnx.ModelProto``.  ``groups`` restricts the
-    pruning to those group ids (as listed in the report; others untouched).
-    Returns the pruned model and a :class:`Report`; raises a
+    ``model`` is a path or an ``onnx.ModelProto``.  Every other option is a
+    field of :class:`~onnx_intrafusion.options.Options`, given either as
+    keywords (``prune(path, 0.5, seed=1, groups=[3])``) or as one
+    ``options=Options(...)``.  ``groups`` restricts the pruning to those group
+    ids (as listed in the report; others untouched).  Returns the pruned model
+    and a :class:`Report`; raises a
     :class:`~onnx_intrafusion.errors.UserError` subclass for bad input.
 
     ``calibration`` (an .npz path, a dict of arrays or an iterable of feed
@@ -273,52 +226,44 @@ def prune(
     removing ``sparsity`` of every group: ``sparsity`` of the MACs
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
-    channels (see :mod:`onnx_intrafusion.allocation`).
+    channels (see :mod:`onnx_intrafusion.allocation`).  A run that would
+    prune nothing raises :class:`NothingToPrune` unless
+    ``allow_unchanged=True``.
 
     ``allocation="sensitivity"`` (needs ``calibration``) first measures every
     group pruned alone at ``sensitivity_levels`` (:mod:`sensitivity`; in
     ``workers`` local processes, default: cores bounded by memory, or as Ray
     tasks on the cluster at ``ray_address``), then removes ``sparsity`` of the
-    MACs with the least summed distortion.  ``sensitivity`` is a saved
-    analysis to reuse (a path, loaded when the file exists and written there
-    otherwise, or a :class:`~onnx_intrafusion.sensitivity.Sensitivity`).
+    MACs with the least summed distortion.  ``sensitivity`` is the path of a
+    saved analysis to reuse (read when it exists, written there otherwise).
     ``analyse_only=True`` stops after the analysis: the result has
     ``model=None`` and the analysis in ``result.sensitivity``.
     """
     from . import calibration as calibration_mod
 
-    check_options(sparsity, method, "l1" if importance == "activation" else importance, ot_reg, ot_p, marginals,
-                  round_to, allocation, global_target, max_group_sparsity)
-    calib, recover = calibration_mod.resolve_options(calibration, calibration_samples, recover, importance,
-                                                     recover_alpha, ewr_eps)
-    wants_table = allocation == "sensitivity" or analyse_only
-    if calib is None and (wants_table or sensitivity is not None):
-        what = "--analyse-only" if analyse_only else ("--allocation sensitivity" if wants_table else "--sensitivity")
-        raise UsageError(f"{what} needs calibration data (--calibration FILE.npz)")
-    if sensitivity is not None and not wants_table:
-        raise UsageError("--sensitivity FILE is used by --allocation sensitivity or --analyse-only")
-    levels = sensitivity_mod.check_levels(sensitivity_levels)
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise UsageError(f"workers must be a positive integer, got {workers}")
-    if validate and not analyse_only:
+    if options is None:
+        options = Options.from_kwargs(sparsity=sparsity, method=method, importance=importance, **option_fields)
+    elif option_fields or (sparsity, method, importance) != (0.5, "intrafusion", "l1"):
+        raise UsageError("give the options either as keywords or as options=Options(...), not both")
+    opts = options.resolve(has_calibration=calibration is not None)
+    calib = None if calibration is None else calibration_mod.read(calibration, opts.calibration_samples)
+    if calib is not None and calibration_mod.sample_count(calib) < FEW_CALIBRATION_SAMPLES:
+        warnings.warn(PruneWarning(
+            f"only {calibration_mod.sample_count(calib)} calibration sample(s): recovery and data-driven "
+            f"importance need a few hundred to be reliable"), stacklevel=2)
+    if opts.validate and not opts.analyse_only:
         from .validate import check_provider
 
-        check_provider(provider)
+        check_provider(opts.provider)
+    progress = as_progress(progress)
     timer = _Timer(progress)
-    options = dict(sparsity=sparsity, method=method, importance=importance, seed=seed, ot_reg=ot_reg,
-                   ot_p=ot_p, marginals=marginals, round_to=round_to, allocation=allocation,
-                   groups=None if groups is None else sorted(groups))
-    if allocation == "global":
-        options.update(global_target=global_target, max_group_sparsity=max_group_sparsity)
-    if wants_table:
-        options.update(max_group_sparsity=max_group_sparsity, sensitivity_levels=levels)
-    if calib is not None:
-        options.update(recover=recover, calibration_samples=calibration_mod.sample_count(calib))
 
     with timer.stage("load"):
         loaded = model_io.load_model(model)
         original = loaded.model
-        feeds = None if calib is None else calibration_mod.batches(calibration_mod.match(calib, original), original)
+        if calib is not None:
+            calib = calibration_mod.match(calib, original)
+        feeds = None if calib is None else calibration_mod.batches(calib, original)
         graph = model_io.to_graph(original)
     with timer.stage("groups"):
         analysis = coupling.analyse(graph)
@@ -329,45 +274,46 @@ def prune(
         reasons = sorted({r for g in analysis.groups for _, r in g.blocked})
         detail = f"; reasons: {'; '.join(reasons[:3])}" if reasons else ""
         raise NothingToPrune(f"no channel group can be pruned safely ({len(analysis.groups)} groups found{detail})")
-    selected = None if groups is None else set(groups)
+    selected = _selected_groups(analysis, opts.groups)
     given_scores = None
-    if importance == "activation":
+    if opts.importance == "activation":
         from .activations import activation_scores
 
         with timer.stage("activations"):
             ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
             given_scores = activation_scores(original, graph, analysis, feeds, ids)
     table = None
-    if wants_table:
+    if opts.allocation == "sensitivity" or opts.analyse_only:
         with timer.stage("sensitivity"):
-            table, source = _sensitivity(
-                original, graph, analysis, values, calib, selected, given_scores, sensitivity, levels, workers,
-                ray_address, progress, method=method, importance=importance, seed=seed, ot_reg=ot_reg, ot_p=ot_p,
-                marginals=marginals, round_to=round_to, recover=recover, recover_alpha=recover_alpha,
-                ewr_eps=ewr_eps)
-        if analyse_only:
-            report = Report(options=options, timings=timer.timings)
+            table, source = _sensitivity(original, graph, analysis, values, calib, selected, given_scores, opts,
+                                         progress)
+        if opts.analyse_only:
+            report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
+            report.timings = timer.timings
             return PruneResult(model=None, report=report, external_data=loaded.external_data, sensitivity=table)
     with timer.stage("plan"):
         keeps = None
-        if allocation == "global":
-            keeps = global_keeps(graph, analysis, values, sparsity, importance, seed, selected, global_target,
-                                 max_group_sparsity, round_to, given_scores)
-        elif allocation == "sensitivity":
-            keeps, predicted, met = sensitivity_keeps(graph, analysis, table, sparsity, selected,
-                                                      max_group_sparsity, round_to)
+        if opts.allocation == "global":
+            keeps = global_keeps(graph, analysis, values, opts.sparsity, opts.importance, opts.seed, selected,
+                                 opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores)
+        elif opts.allocation == "sensitivity":
+            keeps, predicted, met = sensitivity_keeps(graph, analysis, table, opts.sparsity, selected,
+                                                      opts.max_group_sparsity, opts.round_to)
             if not met:
                 warnings.warn(PruneWarning(
-                    f"--sparsity {sparsity} of the MACs cannot be removed within the measured levels (largest "
-                    f"{max(levels)}) and --max-group-sparsity {max_group_sparsity}: removing what they allow"),
-                    stacklevel=2)
-        maps = plan_groups(analysis, values, sparsity, method, importance, seed, selected, ot_reg, ot_p,
-                           marginals, round_to, progress, keeps, given_scores)
+                    f"sparsity {opts.sparsity:g} of the MACs cannot be removed within the measured levels "
+                    f"(largest {max(table.levels):g}) and max-group-sparsity {opts.max_group_sparsity:g}: "
+                    f"removing what they allow"), stacklevel=2)
+        maps = plan_groups(analysis, values, opts.sparsity, opts.method, opts.importance, opts.seed, selected,
+                           opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform", opts.round_to,
+                           progress, keeps, given_scores)
     del values  # the original weights' arrays: free them before the rewrite copies
+    if not maps and not opts.allow_unchanged:
+        raise NothingToPrune(_nothing_pruned_reason(analysis, selected, opts))
     with timer.stage("rewrite"):
         rewrite.apply_maps(graph, analysis, maps)
         pruned = model_io.to_model(graph, original)
-        if recover == "none":
+        if opts.recover == "none":
             del graph  # the pruned model holds its own copy: keep peak memory down in validate
         try:
             # = check_model(full_check=True), whose strict shape inference
@@ -379,17 +325,20 @@ def prune(
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
     layers = []
-    if recover != "none":
+    if opts.recover != "none":
         from .activations import recover as recover_layers
 
         with timer.stage("recover"):
-            layers = recover_layers(graph, original, analysis, maps, feeds, recover, alpha=recover_alpha,
-                                    eps=ewr_eps, seed=seed, progress=progress)
+            layers = recover_layers(graph, original, analysis, maps, feeds, opts.recover,
+                                    alpha=opts.recover_alpha or 1e-3, eps=opts.ewr_eps or 0.05, seed=opts.seed,
+                                    progress=progress)
             pruned = model_io.to_model(graph, original)
             if pruned.ByteSize() < 2**31 - 1:
                 onnx.checker.check_model(pruned, full_check=True)
 
-    report = Report(options=options)
+    report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
+    if calib is not None:
+        report.calibration = {"samples": calibration_mod.sample_count(calib)}
     for g in analysis.groups:
         if not g.prunable:
             only_outputs = all(r == coupling.OUTPUT_REASON for _, r in g.blocked)
@@ -410,12 +359,58 @@ def prune(
     if layers:
         report.attach_recovery(layers, analysis)
     with timer.stage("stats"):
-        report.params_before, report.macs_before = model_stats(original)
-        report.params_after, report.macs_after = model_stats(pruned)
-    if validate:
+        report.set_stats(params_count(original), mac_count(original), params_count(pruned), mac_count(pruned))
+    if opts.validate:
         from .validate import compare
 
         with timer.stage("validate"):
-            report.validation = compare(original, pruned, provider, seed).to_dict()
+            real = None if calib is None else _validation_feeds(calib, original, opts.seed)
+            report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real).to_dict()
     report.timings = timer.timings
     return PruneResult(model=pruned, report=report, external_data=loaded.external_data, sensitivity=table)
+
+
+#: At most this many held-back calibration samples are used to validate.
+VALIDATION_REAL_SAMPLES = 64
+
+
+def _validation_feeds(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int) -> list[dict]:
+    """Real inputs for validation: the held-back calibration samples (never fitted on), capped."""
+    from . import calibration as calibration_mod
+
+    if calibration_mod.sample_count(calib) < 2:
+        held = calib
+    else:
+        held = calibration_mod.split_holdback(calib, seed=seed)[1]
+    held = {k: v[:VALIDATION_REAL_SAMPLES] for k, v in held.items()}
+    return calibration_mod.batches(held, model)
+
+
+def _selected_groups(analysis: Analysis, groups: tuple[int, ...] | None) -> set[int] | None:
+    """The groups the user asked for: unknown ids are an error, unprunable ones a warning."""
+    if groups is None:
+        return None
+    by_id = {g.id: g for g in analysis.groups}
+    missing = [i for i in groups if i not in by_id]
+    if missing:
+        raise UsageError(f"no group {', '.join(map(str, missing))} in this model (it has groups 0-{len(by_id) - 1}; "
+                         f"run once without groups and read the report)")
+    blocked = [i for i in groups if not by_id[i].prunable]
+    if blocked:
+        warnings.warn(PruneWarning(f"selected group(s) {', '.join(map(str, blocked))} cannot be pruned "
+                                   f"(see their reason in the report); they are left unchanged"), stacklevel=3)
+    return set(groups)
+
+
+def _nothing_pruned_reason(analysis: Analysis, selected: set[int] | None, opts: Options) -> str:
+    todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    if not todo:
+        why = "none of the selected groups can be pruned"
+    elif opts.sparsity == 0:
+        why = "sparsity 0 keeps every channel"
+    elif opts.round_to > 1 and all(g.size <= opts.round_to for g in todo):
+        why = f"every prunable group has at most round-to={opts.round_to} channels"
+    else:
+        why = f"every prunable group keeps all its channels at sparsity {opts.sparsity:g} (round-to {opts.round_to})"
+    return (f"nothing to prune: {why}; no copy is written (use --allow-unchanged / allow_unchanged=True to "
+            f"write an unchanged copy anyway)")

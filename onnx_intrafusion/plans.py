@@ -85,12 +85,12 @@ POT_BACKEND_SWITCHES = ("POT_BACKEND_DISABLE_PYTORCH", "POT_BACKEND_DISABLE_JAX"
 
 
 def preload_pot() -> None:
-    """Import POT without its optional extras, for a process that only prunes.
+    """Import POT without its optional extras (no-op if it is already imported).
 
     ``import ot`` probes torch, jax, cupy and tensorflow and imports
     scikit-learn (for the k-means start of low-rank Sinkhorn, unused here):
-    ~5 s of a ResNet-50 run.  The command line calls this first; a library
-    user's process is left alone (POT is then imported as usual on first use).
+    ~5 s of a ResNet-50 run, and torch's memory.  The backend switches are
+    set with ``setdefault``, so a user's own environment settings win.
     """
     if "ot" in sys.modules:
         return
@@ -104,6 +104,20 @@ def preload_pot() -> None:
     finally:
         if hide and sys.modules.get("sklearn", 0) is None:
             del sys.modules["sklearn"]
+
+
+def import_pot():
+    """POT, imported the way this package needs it: without its torch/jax/cupy/tensorflow backends.
+
+    Plain ``import ot`` imports torch when it is installed (seconds, and
+    hundreds of MB for a data-free run that never uses it); only numpy
+    arrays are passed to POT here.  If the caller's process already imported
+    POT, that module is used as it is.
+    """
+    preload_pot()
+    import ot
+
+    return ot
 
 
 #: Cost matrices with more element operations than this are split over threads.
@@ -172,7 +186,7 @@ def transport_plan(features: np.ndarray, kept: np.ndarray, source_mass: np.ndarr
     ``reg > 0`` uses entropic ``ot.sinkhorn`` with the cost scaled to [0, 1],
     so ``reg`` is relative to the largest cost.
     """
-    import ot  # deferred: importing POT costs seconds (it probes torch, jax, ...)
+    ot = import_pot()
 
     size, keep = features.shape[0], len(kept)
     a = np.full(size, 1.0 / size) if source_mass is None else source_mass / source_mass.sum()

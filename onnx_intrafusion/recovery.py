@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import ot
+
+from .plans import import_pot
 
 MODES = ("none", "bias", "lstsq", "ewr")
 
@@ -243,6 +244,7 @@ def sinkhorn_coupling(eps: float) -> Coupling:
     """Entropic OT plan between target rows and predicted rows (uniform marginals)."""
 
     def coupling(targets: np.ndarray, preds: np.ndarray) -> np.ndarray:
+        ot = import_pot()
         n = targets.shape[0]
         cost = ot.dist(targets, preds)  # squared Euclidean
         scale = float(cost.mean())

@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .coupling import CONSUMER, PARAM, PRODUCER, Group
-from .model_io import concrete_input_shapes, params_count, weightless, with_input_shapes
+from .model_io import concrete_input_shapes, fold, params_count, quiet_graphsurgeon, weightless, with_input_shapes
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -35,49 +35,80 @@ def _known(shape) -> bool:
     return bool(shape) and all(d is not None for d in shape)
 
 
-def count_macs(model: onnx.ModelProto) -> int:
-    """Multiply-accumulates of Conv, Gemm and MatMul at the input shape with batch 1.
+@dataclass
+class MacCount:
+    """Multiply-accumulates, or why they are not known (``total`` is then None)."""
+
+    total: int | None
+    unknown: list[str] = field(default_factory=list)  # MAC nodes whose shapes could not be inferred
+    reason: str = ""
+
+
+def _shape_inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    try:
+        return with_input_shapes(model, concrete_input_shapes(model, batch=1))
+    except Exception:  # noqa: BLE001 - shape inference can fail on exotic graphs
+        return None
+
+
+def _folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Shapes computed from Shape ops (legacy chunk/split, attention reshapes), folded on the real weights."""
+    try:
+        graph = gs.import_onnx(with_input_shapes(model, concrete_input_shapes(model, batch=1)))
+        fold(graph)
+        return onnx.shape_inference.infer_shapes(gs.export_onnx(graph, do_type_check=False), data_prop=True)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _unknown_mac_nodes(model: onnx.ModelProto) -> list[str]:
+    shapes = _shapes(model)
+    return [n.name or n.output[0] for n in model.graph.node
+            if n.op_type in _MAC_OPS and not (_known(shapes.get(n.output[0])) and _known(shapes.get(n.input[1]))
+                                               and _known(shapes.get(n.input[0])))]
+
+
+def count_macs(model: onnx.ModelProto) -> int | None:
+    """Multiply-accumulates (None when unknown; :func:`mac_count` says why)."""
+    return mac_count(model).total
+
+
+def mac_count(model: onnx.ModelProto) -> MacCount:
+    """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul at the input shape with batch 1.
 
     Dynamic dimensions other than the batch take ``DEFAULT_DYNAMIC_DIM``.
+    Shapes are inferred on a weightless copy first (fast); when some are
+    still unknown (sizes computed at run time from ``Shape`` ops), constants
+    are folded on the real model and shapes inferred again.  A count that
+    still misses nodes is reported as unknown with the reason, never as a
+    silently smaller number.
     """
-    try:
-        inferred = with_input_shapes(weightless(model), concrete_input_shapes(model, batch=1))
-    except Exception:  # noqa: BLE001 - shape inference can fail on exotic graphs
-        return 0
+    with quiet_graphsurgeon():
+        inferred = _shape_inferred(weightless(model))
+        if inferred is None or _unknown_mac_nodes(inferred):
+            inferred = _folded(model) or inferred
+    if inferred is None:
+        return MacCount(None, reason="shape inference failed on this graph")
+    unknown = _unknown_mac_nodes(inferred)
+    if unknown:
+        more = f" and {len(unknown) - 2} more" if len(unknown) > 2 else ""
+        return MacCount(None, unknown, f"shapes unknown at {', '.join(unknown[:2])}{more}")
     shapes = _shapes(inferred)
-    if any(n.op_type in _MAC_OPS and not _known(shapes.get(n.output[0])) for n in inferred.graph.node):
-        # Sizes computed from Shape ops (legacy chunk/split): fold them and retry.
-        try:
-            folded = gs.import_onnx(inferred)
-            folded.fold_constants(error_ok=True).cleanup()
-            inferred = onnx.shape_inference.infer_shapes(gs.export_onnx(folded, do_type_check=False), data_prop=True)
-            shapes = _shapes(inferred)
-        except Exception:  # noqa: BLE001
-            pass
     total = 0
     for node in inferred.graph.node:
-        out = shapes.get(node.output[0]) if node.output else None
-        if not out or any(d is None for d in out):
+        if node.op_type not in _MAC_OPS:
             continue
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w = shapes.get(node.input[1])
-            if not w or any(d is None for d in w):
-                continue
-            if node.op_type == "Conv":
-                total += int(np.prod(out)) * int(np.prod(w[1:]))
-            else:
-                inp = shapes.get(node.input[0])
-                if inp and all(d is not None for d in inp):
-                    total += int(np.prod(inp)) * int(np.prod(w[1:]))
-        elif node.op_type in ("Gemm", "MatMul"):
-            a = shapes.get(node.input[0])
-            if not a or a[-1] is None:
-                continue
+        out, w, a = shapes[node.output[0]], shapes[node.input[1]], shapes[node.input[0]]
+        if node.op_type == "Conv":
+            total += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":
+            total += int(np.prod(a)) * int(np.prod(w[1:]))
+        else:
             k = a[-1]
             if node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
                 k = a[0]
             total += int(np.prod(out)) * int(k)
-    return total
+    return MacCount(total)
 
 
 @dataclass
@@ -115,16 +146,25 @@ class GroupRow:
 
 @dataclass
 class Report:
-    options: dict
+    options: dict  # every option as used (Options.to_dict(); None = does not apply)
+    input: str | None = None  # the model's path (None when given as a ModelProto)
+    output: str | None = None  # set by whoever writes the model (the CLI)
     params_before: int = 0
     params_after: int = 0
-    macs_before: int = 0
-    macs_after: int = 0
+    macs_before: int | None = 0  # None: unknown, ``macs_note`` says why
+    macs_after: int | None = 0
+    macs_note: str = ""
     groups: list[GroupRow] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     validation: dict | None = None
+    calibration: dict | None = None  # {"samples": N} when calibration data was given
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
     sensitivity: dict | None = None  # the analysis behind a sensitivity allocation (summary)
+
+    def set_stats(self, params_before: int, macs_before: MacCount, params_after: int, macs_after: MacCount) -> None:
+        self.params_before, self.params_after = params_before, params_after
+        self.macs_before, self.macs_after = macs_before.total, macs_after.total
+        self.macs_note = macs_before.reason or macs_after.reason
 
     def attach_recovery(self, layers, analysis) -> None:
         """Record per-layer recovery rows and, per group, its consumers' worst errors."""
@@ -137,10 +177,17 @@ class Report:
                                       "after": max(h["error_after"] for h in hits)}
 
     def to_dict(self) -> dict:
+        from . import __version__
+
         return {
+            "tool": {"name": "onnx-intrafusion", "version": __version__},
+            "input": self.input,
+            "output": self.output,
             "options": self.options,
+            **({"calibration": self.calibration} if self.calibration else {}),
             "params": {"before": self.params_before, "after": self.params_after},
-            "macs": {"before": self.macs_before, "after": self.macs_after},
+            "macs": {"before": self.macs_before, "after": self.macs_after,
+                     **({"unknown_because": self.macs_note} if self.macs_note else {})},
             "groups": [vars(g) for g in self.groups],
             "timings_s": self.timings,
             "validation": self.validation,
@@ -164,7 +211,11 @@ class Report:
         o = self.options
         lines.append(f"method={o.get('method')} importance={o.get('importance')} sparsity={o.get('sparsity')}")
         lines.append(f"params  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})")
-        lines.append(f"MACs    {self.macs_before:>14,} -> {self.macs_after:>14,}  ({_ratio(self.macs_after, self.macs_before)})")
+        if self.macs_before is None or self.macs_after is None:
+            lines.append(f"MACs    unknown ({self.macs_note})")
+        else:
+            lines.append(f"MACs    {self.macs_before:>14,} -> {self.macs_after:>14,}  "
+                         f"({_ratio(self.macs_after, self.macs_before)})")
         lines.append(f"groups  {len(self.pruned_groups)} pruned, {len(self.blocked_groups)} blocked, {len(self.groups)} total")
         lines.append("")
         lines.append(f"{'group':>5}  {'channels':>11}  {'status':<9} producers / reason")
@@ -196,9 +247,15 @@ class Report:
                          f"predicted summed {s['measure']} {s['predicted_distortion']:.3g}"
                          + ("" if s["budget_met"] else "; MAC budget NOT reachable within the measured levels"))
         if self.validation:
+            v = self.validation
             lines.append("")
-            lines.append(f"validation on {self.validation['provider']} ({self.validation['samples']} random samples):")
-            for out in self.validation["outputs"]:
+            if v.get("inputs") == "calibration":
+                lines.append(f"validation on {v['provider']}, {v['samples']} held-back calibration samples "
+                             f"(real inputs, never fitted on):")
+            else:
+                lines.append(f"validation on {v['provider']}, {v['samples']} random inputs (drift only: random "
+                             f"inputs say nothing about accuracy; give --calibration for top-1 agreement):")
+            for out in v["outputs"]:
                 top1 = "" if out["top1_agreement"] is None else f"  top-1 agreement {out['top1_agreement']:.3f}"
                 lines.append(f"  {out['name']}: max|diff| {out['max_abs_diff']:.3g}  cosine {out['cosine']:.4f}{top1}")
         if self.timings:
@@ -213,6 +270,6 @@ def _ratio(after: int, before: int) -> str:
     return f"{100.0 * after / before:.1f}%"
 
 
-def model_stats(model: onnx.ModelProto) -> tuple[int, int]:
-    """(parameters, MACs) of a model."""
+def model_stats(model: onnx.ModelProto) -> tuple[int, int | None]:
+    """(parameters, MACs or None when unknown) of a model."""
     return params_count(model), count_macs(model)

@@ -56,6 +56,7 @@ from . import allocation, calibration as calibration_mod, distortion, model_io, 
 from .coupling import Analysis
 from .errors import OutputError, UsageError
 from .plans import ChannelMap, keep_count
+from .progress import Progress, as_progress
 
 DEFAULT_LEVELS = (0.25, 0.5, 0.75)
 FORMAT = "onnx-intrafusion sensitivity 1"
@@ -63,7 +64,6 @@ FORMAT = "onnx-intrafusion sensitivity 1"
 WORKER_BASE_BYTES = 400 * 2**20
 
 Plan = Callable[[int, int], ChannelMap]
-Progress = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- the table
@@ -341,29 +341,28 @@ def _pool_context():
 
 
 def _execute(payload: _Payload, tasks: list[tuple[int, ChannelMap]], workers: int, ray_address: str | None,
-             progress: Progress | None) -> tuple[list[tuple[float, float | None]], str]:
-    if ray_address is not None:
-        return _execute_ray(payload, tasks, ray_address, progress), "ray"
-    if workers <= 1 or len(tasks) <= 1:
-        state = _State(payload)
-        results = []
-        for n, task in enumerate(tasks, 1):
-            results.append(state.run(task))
-            if progress:
-                progress(f"  sensitivity run {n}/{len(tasks)}")
-        return results, "in-process"
-    workers = min(workers, len(tasks))
-    with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_worker_init,
-                             initargs=(payload,)) as pool:
-        results = []
-        for n, result in enumerate(pool.map(_worker_run, tasks), 1):
-            results.append(result)
-            if progress:
-                progress(f"  sensitivity run {n}/{len(tasks)} ({workers} workers)")
-    return results, f"{workers} workers"
+             progress: Progress) -> tuple[list[tuple[float, float | None]], str]:
+    with progress.steps("sensitivity runs", len(tasks)) as steps:
+        if ray_address is not None:
+            return _execute_ray(payload, tasks, ray_address, steps), "ray"
+        if workers <= 1 or len(tasks) <= 1:
+            state = _State(payload)
+            results = []
+            for gid, cmap in tasks:
+                results.append(state.run((gid, cmap)))
+                steps.advance(detail=f"group {gid}: {cmap.size}->{cmap.keep}")
+            return results, "in-process"
+        workers = min(workers, len(tasks))
+        with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_worker_init,
+                                 initargs=(payload,)) as pool:
+            results = []
+            for (gid, cmap), result in zip(tasks, pool.map(_worker_run, tasks)):
+                results.append(result)
+                steps.advance(detail=f"group {gid}: {cmap.size}->{cmap.keep}")
+        return results, f"{workers} workers"
 
 
-def _execute_ray(payload: _Payload, tasks, address: str, progress: Progress | None):
+def _execute_ray(payload: _Payload, tasks, address: str, steps):
     try:
         import ray
     except ImportError:
@@ -381,10 +380,9 @@ def _execute_ray(payload: _Payload, tasks, address: str, progress: Progress | No
         remote = ray.remote(num_cpus=1)(_ray_run)
         pending = [remote.remote(refs, task) for task in tasks]
         results = []
-        for n, ref in enumerate(pending, 1):
+        for ref in pending:
             results.append(ray.get(ref))
-            if progress:
-                progress(f"  sensitivity run {n}/{len(tasks)} (ray)")
+            steps.advance()
         return results
     finally:
         if started:
@@ -408,7 +406,7 @@ def analyse(original: onnx.ModelProto, graph: gs.Graph, analysis: Analysis, plan
             group_ids: Iterable[int] | None = None, round_to: int = 1, recover: str = "none",
             recover_alpha: float = 1e-3, ewr_eps: float = 0.05, seed: int = 0, workers: int | None = 1,
             ray_address: str | None = None, options: dict | None = None,
-            progress: Progress | None = None) -> Sensitivity:
+            progress: Progress | Callable[[str], None] | None = None) -> Sensitivity:
     """Measure every prunable (and selected) group alone at each level.
 
     ``graph`` is the graph ``analysis`` was made on (not modified);
@@ -417,10 +415,11 @@ def analyse(original: onnx.ModelProto, graph: gs.Graph, analysis: Analysis, plan
     ``workers=None``: :func:`default_workers`.
     """
     start = time.perf_counter()
+    progress = as_progress(progress)
     levels = check_levels(levels)
     selected = None if group_ids is None else set(group_ids)
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
-    fit, held = calibration_mod.split_holdback(arrays)
+    fit, held = calibration_mod.split_holdback(arrays, seed=seed)
     fit_feeds, held_feeds = calibration_mod.batches(fit, original), calibration_mod.batches(held, original)
     from .validate import run as ort_run
 
@@ -449,9 +448,8 @@ def analyse(original: onnx.ModelProto, graph: gs.Graph, analysis: Analysis, plan
     if workers is None:
         size = len(payload.original) + len(payload.graph) + sum(a.nbytes for a in arrays.values())
         workers = default_workers(size)
-    if progress:
-        progress(f"sensitivity: {len(tasks)} runs ({len(todo)} groups x {len(levels)} levels) on "
-                 f"{calibration_mod.sample_count(held)} held-back samples")
+    progress.note(f"  sensitivity: {len(tasks)} runs ({len(todo)} groups x {len(levels)} levels) on "
+                  f"{calibration_mod.sample_count(held)} held-back samples")
     results, backend = _execute(payload, tasks, workers, ray_address, progress)
     for row in rows:
         for p in row.points:

@@ -39,6 +39,7 @@ class Drift:
     provider: str
     samples: int
     outputs: list[OutputDrift]
+    inputs: str = "random"  # "random" or "calibration" (real inputs: top-1 agreement is meaningful)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,11 +124,18 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "auto", seed: int = 0,
-            samples: int = VALIDATION_SAMPLES) -> Drift:
-    """Run both models on the same random inputs; raise if the pruned one is unusable."""
-    feeds = [random_feeds(original, seed, batch=samples)]
-    batch = next(iter(feeds[0].values())).shape[0] if feeds[0] and next(iter(feeds[0].values())).ndim else 1
-    feeds += [random_feeds(original, seed + i, batch=samples) for i in range(1, -(-samples // max(batch, 1)))]
+            samples: int = VALIDATION_SAMPLES, feeds: list[dict[str, np.ndarray]] | None = None) -> Drift:
+    """Run both models on the same inputs; raise if the pruned one is unusable.
+
+    ``feeds`` are real inputs (held-back calibration samples); without them,
+    random inputs are used and top-1 agreement is not reported, because on
+    random inputs it measures nothing a user cares about.
+    """
+    real = bool(feeds)
+    if not real:
+        feeds = [random_feeds(original, seed, batch=samples)]
+        batch = next(iter(feeds[0].values())).shape[0] if feeds[0] and next(iter(feeds[0].values())).ndim else 1
+        feeds += [random_feeds(original, seed + i, batch=samples) for i in range(1, -(-samples // max(batch, 1)))]
     try:
         ref, _ = run(original, feeds, provider)
     except ProviderError:
@@ -153,8 +161,9 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = 
         if not np.all(np.isfinite(b)) and np.all(np.isfinite(a)):
             raise ValidationError(f"output '{name}' of the pruned model has NaN or Inf values")
         top1 = None
-        if a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating):
+        if real and a.ndim == 2 and a.shape[1] > 1 and np.issubdtype(a.dtype, np.floating):
             top1 = float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
         drifts.append(OutputDrift(name, list(a.shape), float(diff.max()) if diff.size else 0.0, _cosine(a, b), top1))
-    return Drift(provider=used, samples=int(batch * len(feeds)), outputs=drifts)
+    count = sum(next(iter(f.values())).shape[0] if f and next(iter(f.values())).ndim else 1 for f in feeds)
+    return Drift(provider=used, samples=int(count), outputs=drifts, inputs="calibration" if real else "random")

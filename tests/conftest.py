@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -73,3 +74,12 @@ def load():
         return cache[name]
 
     return _load
+
+
+#: A progress line as the CLI writes it to a non-terminal stderr ("[   0.3s] load ...").
+PROGRESS_LINE = re.compile(r"^\[\s*\d+\.\ds\] ")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """stderr without the progress lines: the errors and warnings a user must read."""
+    return [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]

@@ -219,7 +219,7 @@ def test_calibration_forms_are_equivalent(tmp_path):
     a = prune(src, 0.5, calibration=tmp_path / "c.npz", validate=False)
     b = prune(src, 0.5, calibration=[{"input": x[:6]}, {"input": x[6:]}], recover="lstsq", validate=False)
     c = prune(src, 0.5, calibration={"x": x.astype(np.float64)}, calibration_samples=12, validate=False)
-    assert a.report.options["recover"] == "lstsq" and a.report.options["calibration_samples"] == 12
+    assert a.report.options["recover"] == "lstsq" and a.report.calibration["samples"] == 12
     weights = [{i.name: numpy_helper.to_array(i) for i in r.model.graph.initializer} for r in (a, b, c)]
     for name, value in weights[0].items():
         assert np.allclose(value, weights[1][name], atol=1e-5) and np.allclose(value, weights[2][name], atol=1e-5)

@@ -9,7 +9,7 @@ import sys
 import onnx
 import pytest
 
-from conftest import ROOT, assert_valid, sample
+from conftest import ROOT, assert_valid, message_lines, sample
 
 
 def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -58,7 +58,7 @@ def test_cli_errors_are_one_line(tmp_path, args, code, words):
     args = [str(tmp_path / a) if a.endswith("o.onnx") and "/" not in a else a for a in args]
     proc = cli(*args)
     assert proc.returncode == code, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    lines = message_lines(proc.stderr)
     assert len(lines) == 1 and words in lines[0].lower(), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o.onnx").exists()

@@ -26,7 +26,7 @@ from onnx_intrafusion import cli, model_io, prune
 from onnx_intrafusion.errors import (ModelError, NothingToPrune, OutputError, ProviderError, PruneWarning,
                                      UsageError, ValidationError)
 
-from conftest import ROOT, assert_valid, sample
+from conftest import ROOT, assert_valid, message_lines, sample
 
 # -- helpers ---------------------------------------------------------------------
 
@@ -42,7 +42,7 @@ def main(capsys, *args) -> tuple[int, str, str]:
 
 
 def one_line_error(err: str, *words: str) -> str:
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert len(lines) == 1, err
     assert "Traceback" not in err
     assert lines[0].startswith("onnx-intrafusion:"), err
@@ -309,7 +309,7 @@ def test_unknown_custom_op_needs_no_validate(tmp_path, capsys):
     src, out = save(model, tmp_path / "custom.onnx"), tmp_path / "o.onnx"
     code, _, err = main(capsys, src, out)
     assert code == 3
-    lines = err.strip().splitlines()
+    lines = message_lines(err)
     assert "warning" in lines[0] and "MyOp" in lines[0]
     assert "does not run in onnxruntime" in lines[-1] and "--no-validate" in lines[-1]
     assert not out.exists()

@@ -231,9 +231,10 @@ def test_cli_analyse_only_then_reuse(tmp_path, toy_files, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--allocation", "sensitivity"], "needs calibration data"),
-    (["--workers", "2", "--calibration", "{calib}"], "--workers is used by --allocation sensitivity"),
+    (["--workers", "2", "--calibration", "{calib}"], "--workers only applies to --allocation sensitivity"),
     (["--analyse-only", "--calibration", "{calib}"], "OUT is the analysis (JSON)"),
-    (["--global", "--allocation", "sensitivity", "--calibration", "{calib}"], "contradict"),
+    (["--allocation", "sensitivity", "--calibration", "{calib}", "--workers", "2", "--ray", "auto"], "exclude"),
+    (["--analyse-only", "--calibration", "{calib}", "--global-target", "macs"], "only applies to global"),
     (["--allocation", "sensitivity", "--calibration", "{calib}", "--sensitivity-levels", "a,b"], "comma-separated"),
     (["--allocation", "sensitivity", "--calibration", "{calib}", "--sensitivity", "{other}"], "another model"),
 ])

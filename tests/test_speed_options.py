@@ -9,6 +9,7 @@ import pytest
 
 from onnx_intrafusion import model_io, plans, prune, rewrite
 from onnx_intrafusion.plans import keep_count
+from onnx_intrafusion.errors import NothingToPrune
 
 from conftest import assert_valid, sample
 
@@ -149,13 +150,18 @@ def test_global_allocation_prefers_weak_channels():
 
 
 def test_global_sparsity_zero_changes_nothing(load):
-    result = prune(sample("resnet_legacy.onnx"), sparsity=0.0, allocation="global")
+    result = prune(sample("resnet_legacy.onnx"), sparsity=0.0, allocation="global", allow_unchanged=True)
     assert not result.report.pruned_groups
+    with pytest.raises(NothingToPrune, match="sparsity 0"):
+        prune(sample("resnet_legacy.onnx"), sparsity=0.0, allocation="global")
 
 
 @pytest.mark.parametrize("kwargs, words", [({"allocation": "magic"}, "allocation"),
-                                           ({"global_target": "flops"}, "global target"),
-                                           ({"max_group_sparsity": 1.0}, "max-group-sparsity")])
+                                           ({"allocation": "global", "global_target": "flops"}, "global target"),
+                                           ({"allocation": "global", "max_group_sparsity": 1.0},
+                                            "max-group-sparsity"),
+                                           ({"global_target": "macs"}, "only applies to global"),
+                                           ({"max_group_sparsity": 0.5}, "only applies to global")])
 def test_global_option_errors(kwargs, words):
     from onnx_intrafusion.errors import UsageError
 
