@@ -185,13 +185,15 @@ def main(argv=None) -> int:
         if args.fresh:
             for name in args.models:
                 (Path(args.tables) / f"{name}_legacy.sensitivity.json").unlink(missing_ok=True)
-        new = accuracy_part(args)
-        key = lambda r: (r["model"], r["budget"], r["allocation"])  # noqa: E731
-        fresh = {key(r) for r in new}
-        result["accuracy"] = [r for r in result.get("accuracy", []) if key(r) not in fresh] + new
         result["accuracy_settings"] = dict(samples=args.samples, seed=args.seed, budgets=args.budgets,
                                            method="intrafusion", recover="lstsq", importance="l1",
                                            levels=[0.25, 0.5, 0.75])
+        key = lambda r: (r["model"], r["budget"], r["allocation"])  # noqa: E731
+        for name in args.models:  # saved after every model: a long run keeps what it measured
+            new = accuracy_part(argparse.Namespace(**{**vars(args), "models": [name]}))
+            fresh = {key(r) for r in new}
+            result["accuracy"] = [r for r in result.get("accuracy", []) if key(r) not in fresh] + new
+            out.write_text(json.dumps(result, indent=1) + "\n")
     if "time" in args.parts:
         result["time"] = time_part(args)
         result["time_settings"] = dict(calibration=args.r50_samples, levels=args.levels, recover="none",
