@@ -112,7 +112,8 @@ class Options:
         if self.global_target is not None and not is_global:
             raise UsageError("--global-target only applies to global allocation (--global)")
         if self.max_group_sparsity is not None and not budgeted:
-            raise UsageError("--max-group-sparsity only applies to --allocation global or sensitivity")
+            raise UsageError("--max-group-sparsity only applies to global or sensitivity allocation "
+                             "(--global, --allocation sensitivity)")
         analysed = self.allocation == "sensitivity" or bool(self.analyse_only)
         for name, value in (("sensitivity", self.sensitivity), ("sensitivity-levels", self.sensitivity_levels),
                             ("workers", self.workers), ("ray", self.ray_address)):
