@@ -16,7 +16,7 @@ few regularisations, ground-cost p=2) at 0.3/0.5/0.7.
     python benchmarks/accuracy.py                 # full run (about 20 min on 2 cores)
     python benchmarks/accuracy.py --quick         # one model, few points (< 2 min)
 
-Writes results/accuracy.json and results/accuracy.png (and prints tables).
+Writes docs/results/accuracy.json and docs/results/accuracy.png (and prints tables).
 """
 
 from __future__ import annotations
@@ -216,8 +216,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-options", dest="options", action="store_false", help="skip the Intra-Fusion option sweep")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="vgg11bn, 0.3/0.5/0.7, l1, one group (< 2 min)")
-    ap.add_argument("--out", default=str(ROOT / "results" / "accuracy"))
+    ap.add_argument("--out", default=None,
+                    help="output path without suffix (default docs/results/accuracy, with --quick accuracy_quick)")
     args = ap.parse_args(argv)
+    if args.out is None:  # a quick run never overwrites the full results
+        args.out = str(ROOT / "docs" / "results" / ("accuracy_quick" if args.quick else "accuracy"))
     if args.quick:
         args.models, args.sparsities, args.importances, args.groups, args.options = \
             "vgg11bn", "0.3,0.5,0.7", "l1", 1, False

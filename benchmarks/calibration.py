@@ -19,7 +19,7 @@ Time and peak numpy memory (tracemalloc) of each prune() call are recorded.
     python benchmarks/calibration.py --quick            # 512 images, sparsity 0.5 only
     python benchmarks/calibration.py --models digits    # only the digits CNN
 
-Writes results/calibration.json and results/calibration.png and prints a table.
+Writes docs/results/calibration.json and docs/results/calibration.png and prints a table.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="512 images, sparsity 0.5, lstsq and ewr")
     p.add_argument("--no-noise", action="store_true", help="skip the noisy-calibration runs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = p.parse_args(argv)
     args.models = args.models.split(",")
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
@@ -234,6 +234,7 @@ def main(argv=None) -> int:
     args.modes = args.modes.split(",")
     if args.quick:
         args.sparsities, args.sizes, args.modes = [0.5], [512], ["lstsq", "ewr"]
+        args.tag = args.tag or "_quick"  # a quick run never overwrites the full results
     start = time.perf_counter()
     result = run(args)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

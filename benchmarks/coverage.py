@@ -6,7 +6,7 @@ For every model: export with random weights (both torch exporters), prune at
 method): valid (onnx.checker + onnxruntime run) / groups pruned / groups
 blocked with the most common reasons / % of Conv+Gemm+MatMul weights that sit
 in a pruned group / params and MACs before -> after / wall time.  JSON goes to
-``results/coverage.json``.
+``docs/results/coverage.json``.
 
 torchvision is not a dependency of the project.  Install it in a separate
 virtual environment (large, about 5.5 GB)::
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit and vgg use 224: fixed-size layers)")
-    p.add_argument("--out", default=str(ROOT / "results" / "coverage.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "coverage.json"))
     args = p.parse_args(argv)
     rows = []
     header = (f"{'model':<20} {'exporter':<7} {'method':<11} {'valid':<5} {'pruned':>6} {'blocked':>7} "

@@ -10,7 +10,7 @@ the median of ``--repeats`` runs; the machine load is printed.
 
     python benchmarks/plan_scaling.py [--sizes 512 1024 2048 4096] [--repeats 3]
 
-Results: results/plan_scaling.json.
+Results: docs/results/plan_scaling.json.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--dim-factor", type=float, default=2.2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--old-max", type=int, default=1024)
-    p.add_argument("--out", default=str(ROOT / "results" / "plan_scaling.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "plan_scaling.json"))
     args = p.parse_args(argv)
     plans.preload_pot()
     import ot

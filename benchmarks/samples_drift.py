@@ -5,7 +5,7 @@ there is no accuracy to measure; benchmarks/accuracy.py does that on real
 data).  Cosine similarity and top-1 agreement of the logits compare each
 pruned model with its original.
 
-    python benchmarks/samples_drift.py [--sparsity 0.5] [--samples 256] [--out results/samples_drift.json]
+    python benchmarks/samples_drift.py [--sparsity 0.5] [--samples 256] [--out docs/results/samples_drift.json]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--out", default=str(ROOT / "results" / "samples_drift.json"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results" / "samples_drift.json"))
     args = ap.parse_args(argv)
     rows = []
     header = f"{'sample':<26} {'method':<12} {'params':>17} {'MACs':>23} {'cosine':>7} {'top-1':>6} {'time s':>6}"

@@ -13,7 +13,7 @@ all of them alike; the table shows the median per model.
 
 ``speed-up`` = original / pruned latency; ``ideal`` = MACs before / after;
 ``eff`` = speed-up / ideal (the target is >= 0.8 at batch 32, sparsity 0.5
-on resnet50).  Results: results/speed.json.
+on resnet50).  Results: docs/results/speed.json.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from onnx_intrafusion.model_io import save_model  # noqa: E402
 from onnx_intrafusion.report import count_macs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "results"
+RESULTS = ROOT / "docs" / "results"  # committed JSON
+MODEL_CACHE = ROOT / "results"  # exported models (gitignored)
 SAMPLES = ("vgg_dynbatch_legacy", "resnet_legacy", "mobilenetv2_legacy")
 
 
@@ -78,7 +79,7 @@ def model_path(name: str) -> Path:
 
 def pruned_path(name: str, src: Path, sparsity: float, args) -> Path:
     tag = f"{args.method}-{args.allocation}-r{args.round_to}-s{sparsity}"
-    out = RESULTS / "speed_models" / f"{name}-{tag}.onnx"
+    out = MODEL_CACHE / "speed_models" / f"{name}-{tag}.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         result = prune(src, sparsity=sparsity, method=args.method, round_to=args.round_to,

@@ -15,7 +15,7 @@ Two fresh processes per model and run:
 
 The target: resnet50 at 0.5 with intrafusion, validation included, <= 15 s
 wall on 2 cores and peak memory <= 4x the model file.  Results:
-results/tool_speed.json.
+docs/results/tool_speed.json.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="intrafusion")
     p.add_argument("--repeats", type=int, default=1, help="CLI runs per model (median)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI options, last")
-    p.add_argument("--out", default=str(ROOT / "results" / "tool_speed.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "tool_speed.json"))
     args = p.parse_args(argv)
 
     rows = []

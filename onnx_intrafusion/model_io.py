@@ -274,11 +274,40 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     # Shapes first: folding then also evaluates Shape ops on static shapes
     # (the legacy exporter computes chunk/split sizes from Shape).
     fold(graph)
+    if _cast_like_to_cast(graph):
+        fold(graph)
     if any(n.op == "Shape" for n in graph.nodes):
         # Folding may have made more shapes static (computed Pad amounts): once more.
         graph = fold(gs.import_onnx(_inferred(gs.export_onnx(graph, do_type_check=False))))
     _name_nodes(graph)
     return infer_graph_shapes(graph, model)
+
+
+def _cast_like_to_cast(graph: gs.Graph) -> bool:
+    """``CastLike(constant, x)`` -> ``Cast(constant, to=dtype of x)``, which constant folding can evaluate.
+
+    CastLike reads only the element type of ``x``, yet a folder sees a
+    non-constant input and keeps it.  The dynamo exporter without its optimiser
+    builds the zero bias of every bias-free Conv this way; left unfolded, the
+    bias is not a weight and the Conv's channels could not be pruned.
+    Returns whether a node changed.
+    """
+    changed = False
+    for node in graph.nodes:
+        if node.op != "CastLike" or len(node.inputs) != 2 or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        dtype = node.inputs[1].dtype
+        if dtype is None:
+            continue
+        try:
+            to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)) if not isinstance(dtype, int) else dtype
+        except (TypeError, KeyError, ValueError):
+            continue
+        node.op = "Cast"
+        node.attrs = {"to": int(to), **{k: v for k, v in node.attrs.items() if k == "saturate"}}
+        node.inputs = [node.inputs[0]]
+        changed = True
+    return changed
 
 
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:

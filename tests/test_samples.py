@@ -9,21 +9,26 @@ import pytest
 from onnx_intrafusion import prune
 from onnx_intrafusion.report import count_macs
 
-from conftest import SAMPLE_FILES, assert_valid, feeds_for, run, sample
+from onnx_intrafusion.model_io import params_count
+
+from conftest import (SAMPLE_FILES, SAMPLES, assert_same_outputs, assert_valid, rewrite_all_groups, sample)
 
 
+#: Every bundled model: the random-weight samples and the trained ones.
+ALL_SAMPLES = SAMPLE_FILES + sorted(str(p.relative_to(SAMPLES)) for d in ("fashion", "digits")
+                                    for p in (SAMPLES / d).glob("*.onnx"))
+
+
+@pytest.mark.parametrize("order", ["identity", "reversed"])
 @pytest.mark.parametrize("method", ["intrafusion", "prune"])
-@pytest.mark.parametrize("name", SAMPLE_FILES)
-def test_sparsity_zero_reproduces_outputs(name, method, load):
-    result = prune(sample(name), sparsity=0.0, method=method, allow_unchanged=True)
+@pytest.mark.parametrize("name", ALL_SAMPLES)
+def test_plan_keeping_every_channel_reproduces_outputs(name, method, order, load):
+    """Every prunable group rewritten with all channels kept (in order, or reversed): outputs unchanged."""
     original = load(name)
-    assert_valid(result.model, original)
-    feeds = feeds_for(original, seed=3)
-    a, b = run(original, feeds), run(result.model, feeds)
-    for key in a:
-        np.testing.assert_allclose(b[key], a[key], atol=1e-5, rtol=0)
-    assert result.report.params_after == result.report.params_before
-    assert not result.report.pruned_groups
+    rewritten = rewrite_all_groups(original, method, order)
+    assert_valid(rewritten, original)
+    assert params_count(rewritten) == params_count(original)
+    assert_same_outputs(rewritten, original, atol=1e-5, rtol=1e-5 if order == "reversed" else 0.0)
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
