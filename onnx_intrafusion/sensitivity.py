@@ -194,7 +194,7 @@ class Sensitivity:
         grid = np.full((len(groups), len(levels)), np.nan)
         for i, g in enumerate(groups):
             for p in g.points:
-                grid[i, levels.index(p.level)] = np.log10(max(p.distortion, 1e-8))
+                grid[i, levels.index(p.level)] = np.log10(min(max(p.distortion, 1e-8), 1e8))  # inf: broken
         fig, ax = plt.subplots(figsize=(2.2 + 1.1 * len(levels), 1.5 + 0.22 * len(groups)))
         im = ax.imshow(grid, aspect="auto", cmap="magma_r", interpolation="nearest")
         ax.set_xticks(range(len(levels)), [f"{lv:g}" for lv in levels])
