@@ -96,7 +96,7 @@ def accuracy_part(args) -> list[dict]:
                     result = prune(str(path), sparsity=1 - 1 / budget, allocation=allocation, validate=False,
                                    **common, **extra)
                 rep = result.report
-                row = dict(model=name, budget=budget, allocation=allocation, baseline=base,
+                row = dict(model=name, budget=budget, allocation=allocation, baseline=base, calibration=args.samples,
                            accuracy=evaluate(result.model), macs_before=rep.macs_before, macs_after=rep.macs_after,
                            params_before=rep.params_before, params_after=rep.params_after,
                            channel_sparsity=channel_sparsity, seconds=round(time.perf_counter() - t, 1),
