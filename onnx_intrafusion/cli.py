@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--importance", choices=(*WEIGHT_IMPORTANCES, *DATA_IMPORTANCES), default="l1",
                    help="channel importance that picks the kept channels (default l1); activation = mean "
                    "|activation| on the calibration data (needs --calibration)")
+    kinds = p.add_argument_group("transformers: per group kind (uniform allocation)")
+    kinds.add_argument("--head-sparsity", type=float, default=None, metavar="S",
+                       help="fraction of the attention heads removed in every attention (default --sparsity)")
+    kinds.add_argument("--ffn-sparsity", type=float, default=None, metavar="S",
+                       help="fraction of the neurons removed in every per-token MLP/FFN (default --sparsity)")
+    kinds.add_argument("--head-method", choices=METHODS, default=None,
+                       help="how removed heads are handled: prune = dropped (default, measured better), "
+                       "intrafusion = merged into kept heads")
     ot = p.add_argument_group("Intra-Fusion transport (only with --method intrafusion)")
     ot.add_argument("--ot-reg", type=float, default=None,
                     help="entropic regularisation for Sinkhorn, relative to the largest cost; 0 = exact OT (default)")

@@ -42,6 +42,10 @@ class Options:
 
     sparsity: float = 0.5
     method: str = "intrafusion"
+    # Per group kind (see coupling.KINDS), with uniform allocation: overrides of sparsity and method
+    head_sparsity: float | None = None
+    ffn_sparsity: float | None = None
+    head_method: str | None = None  # default "prune": merging heads measured worse (docs/results/attention_heads.json)
     importance: str = "l1"
     seed: int = 0
     groups: tuple[int, ...] | None = None
@@ -92,6 +96,14 @@ class Options:
                 raise UsageError(f"groups must be a list of group ids (non-negative integers), got {self.groups!r}")
         _integer(self.round_to, "round-to", 1)
         _choice(self.allocation, "allocation", ALLOCATIONS)
+        for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity)):
+            if value is not None:
+                _number(value, name, 0.0, 1.0, high_open=True)
+                if self.allocation == "global":
+                    raise UsageError(f"--{name} only applies to uniform allocation (--global ranks every kind "
+                                     f"of group together under one --sparsity)")
+        if self.head_method is not None:
+            _choice(self.head_method, "head method", METHODS)
         if self.provider not in PROVIDERS:  # the provider's own error class (exit 7), as validate raises it
             raise ProviderError(f"unknown provider '{self.provider}' (choose from {', '.join(PROVIDERS)})")
 
@@ -163,6 +175,9 @@ class Options:
         return replace(
             self,
             sparsity=float(self.sparsity),
+            head_sparsity=None if self.head_sparsity is None else float(self.head_sparsity),
+            ffn_sparsity=None if self.ffn_sparsity is None else float(self.ffn_sparsity),
+            head_method=self.head_method or "prune",
             groups=None if self.groups is None else tuple(sorted({int(g) for g in self.groups})),
             ot_reg=(0.0 if self.ot_reg is None else float(self.ot_reg)) if fusion else None,
             ot_p=(1.0 if self.ot_p is None else float(self.ot_p)) if fusion else None,
@@ -177,6 +192,15 @@ class Options:
             if recover in ("lstsq", "ewr") else None,
             ewr_eps=(0.05 if self.ewr_eps is None else float(self.ewr_eps)) if recover == "ewr" else None,
         )
+
+    def kind_sparsity(self) -> dict[str, float]:
+        """Sparsity per group kind that differs from ``sparsity`` (resolved options)."""
+        given = {"head": self.head_sparsity, "ffn": self.ffn_sparsity}
+        return {kind: s for kind, s in given.items() if s is not None}
+
+    def kind_method(self) -> dict[str, str]:
+        """Method per group kind that differs from ``method`` (resolved options)."""
+        return {"head": self.head_method} if self.head_method else {}
 
     def to_dict(self) -> dict:
         """JSON-ready, every field (``None`` = does not apply to this run)."""

@@ -98,8 +98,12 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 importance: str, seed: int = 0, selected: set[int] | None = None, ot_reg: float = 0.0,
                 ot_p: float = 1.0, marginals: str = "uniform", round_to: int = 1,
                 progress: Progress | None = None, keeps: dict[int, int] | None = None,
-                given_scores: dict[int, np.ndarray] | None = None) -> dict[int, plans.ChannelMap]:
+                given_scores: dict[int, np.ndarray] | None = None, kind_sparsity: dict[str, float] | None = None,
+                kind_method: dict[str, str] | None = None) -> dict[int, plans.ChannelMap]:
     """A channel map for every prunable (and selected) group.
+
+    ``kind_sparsity`` / ``kind_method`` override ``sparsity`` / ``method`` for
+    groups of a kind (``Group.kind``: attention heads, FFN neurons).
 
     ``keeps`` (group id -> channels kept, from :func:`global_keeps`) replaces
     the uniform ``sparsity``; groups missing from it are left unchanged.
@@ -111,7 +115,9 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
-            keep = plans.keep_count(group.size, sparsity, round_to) if keeps is None else keeps.get(group.id, group.size)
+            group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
+            keep = (plans.keep_count(group.size, group_sparsity, round_to) if keeps is None
+                    else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
                 continue
@@ -121,7 +127,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
             scored, features = _group_rows(group, values)
             scores = _scores(group, scored, importance, seed, given_scores)
             kept = importance_mod.top_k(scores, keep)
-            if method == "prune":
+            if (kind_method or {}).get(group.kind, method) == "prune":
                 maps[group.id] = plans.selection(group.size, kept)
             else:
                 mass = scores if marginals == "importance" else None
@@ -306,7 +312,7 @@ def prune(
                     f"removing what they allow"), stacklevel=2)
         maps = plan_groups(analysis, values, opts.sparsity, opts.method, opts.importance, opts.seed, selected,
                            opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform", opts.round_to,
-                           progress, keeps, given_scores)
+                           progress, keeps, given_scores, opts.kind_sparsity(), opts.kind_method())
     del values  # the original weights' arrays: free them before the rewrite copies
     if not maps and not opts.allow_unchanged:
         raise NothingToPrune(_nothing_pruned_reason(analysis, selected, opts))
@@ -324,14 +330,16 @@ def prune(
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
-    layers = []
+    layers, result = [], None
     if opts.recover != "none":
         from .activations import recover as recover_layers
 
         with timer.stage("recover"):
-            layers = recover_layers(graph, original, analysis, maps, feeds, opts.recover,
+            fit, held = _recovery_split(calib, original, opts.seed)
+            result = recover_layers(graph, original, analysis, maps, fit, opts.recover, holdback=held,
                                     alpha=opts.recover_alpha or 1e-3, eps=opts.ewr_eps or 0.05, seed=opts.seed,
                                     progress=progress)
+            layers = result.layers
             pruned = model_io.to_model(graph, original)
             if pruned.ByteSize() < 2**31 - 1:
                 onnx.checker.check_model(pruned, full_check=True)
@@ -358,6 +366,8 @@ def prune(
                               "predicted_distortion": float(sum(predicted.values())), "budget_met": met}
     if layers:
         report.attach_recovery(layers, analysis)
+    if result is not None and result.model is not None:
+        report.recovery_model = result.model.to_dict()
     with timer.stage("stats"):
         report.set_stats(params_count(original), mac_count(original), params_count(pruned), mac_count(pruned))
     if opts.validate:
@@ -368,6 +378,25 @@ def prune(
             report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real).to_dict()
     report.timings = timer.timings
     return PruneResult(model=pruned, report=report, external_data=loaded.external_data, sensitivity=table)
+
+
+def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int
+                    ) -> tuple[list[dict], list[dict] | None]:
+    """(fit batches, held-back batches): recovery fits on the first and is checked on the second.
+
+    The split is the one validation uses.  With a single sample, or fewer
+    held-back samples than a fixed batch size, nothing can be held back.
+    """
+    from . import calibration as calibration_mod
+
+    if calibration_mod.sample_count(calib) < 2:
+        return calibration_mod.batches(calib, model), None
+    fit, held = calibration_mod.split_holdback(calib, seed=seed)
+    try:
+        held_batches = calibration_mod.batches(held, model)
+    except UsageError:
+        return calibration_mod.batches(calib, model), None
+    return calibration_mod.batches(fit, model), held_batches
 
 
 #: At most this many held-back calibration samples are used to validate.

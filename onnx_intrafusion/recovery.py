@@ -120,6 +120,23 @@ def conv_rows(x: np.ndarray, y: np.ndarray, lin: Linear, positions: np.ndarray |
     """im2col patches ``(n, G, d)`` of input ``x`` (N, C, H, W) and the matching rows of ``y`` (n, Cout).
 
     ``positions`` are flat output positions to keep per image (``None``: all).
+    """
+    return conv_patches(x, lin, positions, kernel, y.shape[2:]), conv_targets(y, positions)
+
+
+def conv_targets(y: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    """Rows ``(n, Cout)`` of a conv output ``y`` (N, Cout, Ho, Wo) at the flat ``positions`` of every image."""
+    n_img, c_out = y.shape[:2]
+    flat = y.reshape(n_img, c_out, -1)
+    if positions is not None:
+        flat = flat[:, :, positions]
+    return flat.transpose(0, 2, 1).reshape(-1, c_out)
+
+
+def conv_patches(x: np.ndarray, lin: Linear, positions: np.ndarray | None, kernel: tuple[int, int],
+                 out_hw: tuple[int, int]) -> np.ndarray:
+    """im2col patches ``(n, G, d)`` of ``x`` (N, C, H, W) at the flat output ``positions`` (``None``: all).
+
     A 1x1 stride-1 unpadded conv takes the fast path (no patches).
     """
     n_img, c_in, h, w = x.shape
@@ -127,21 +144,19 @@ def conv_rows(x: np.ndarray, y: np.ndarray, lin: Linear, positions: np.ndarray |
     strides = list(attrs.get("strides", [1, 1]))
     dil = list(attrs.get("dilations", [1, 1]))
     pads = _conv_pads(attrs, (h, w), kernel, strides, dil)
-    ho, wo = y.shape[2], y.shape[3]
+    ho, wo = out_hw
     pos = np.arange(ho * wo) if positions is None else positions
     oy, ox = pos // wo, pos % wo
-    yr = y.reshape(n_img, y.shape[1], ho * wo)[:, :, pos].transpose(0, 2, 1).reshape(-1, y.shape[1])
     if kernel == (1, 1) and strides == [1, 1] and not any(pads):
         xr = x.reshape(n_img, c_in, h * w)[:, :, oy * w + ox].transpose(0, 2, 1)
-        return xr.reshape(-1, lin.groups, c_in // lin.groups), yr
+        return xr.reshape(-1, lin.groups, c_in // lin.groups)
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     kh, kw = kernel
     iy = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dil[0]  # (P, kh)
     ix = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dil[1]  # (P, kw)
     patches = xp[:, :, iy[:, :, None], ix[:, None, :]]  # (N, C, P, kh, kw)
     patches = patches.transpose(0, 2, 1, 3, 4)  # (N, P, C, kh, kw)
-    xr = patches.reshape(n_img * len(pos), lin.groups, (c_in // lin.groups) * kh * kw)
-    return xr, yr
+    return patches.reshape(n_img * len(pos), lin.groups, (c_in // lin.groups) * kh * kw)
 
 
 def linear_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,21 +184,22 @@ class Stats:
     def add(self, x: np.ndarray, t: np.ndarray) -> None:
         """``x`` (n, G, d) inputs, ``t`` (n, G, out_g) targets."""
         n = x.shape[0]
-        xa = x.astype(np.float64)
+        # (G, n, d [+1]) in one float64 copy: one BLAS product per group.
+        xg = np.empty((self.groups, n, self.d + int(self.fit_bias)))
+        xg[:, :, :self.d] = x.transpose(1, 0, 2)
         if self.fit_bias:
-            xa = np.concatenate([xa, np.ones((n, self.groups, 1))], axis=2)
-        t = t.astype(np.float64)
-        xg = np.ascontiguousarray(xa.transpose(1, 0, 2))  # (G, n, d): one BLAS product per group
-        tg = np.ascontiguousarray(t.transpose(1, 0, 2))
-        self.gram += np.matmul(xg.transpose(0, 2, 1), xg)
-        self.cross += np.matmul(xg.transpose(0, 2, 1), tg)
+            xg[:, :, self.d] = 1.0
+        tg = np.ascontiguousarray(t.transpose(1, 0, 2), dtype=np.float64)
+        xt = xg.transpose(0, 2, 1)
+        self.gram += np.matmul(xt, xg)
+        self.cross += np.matmul(xt, tg)
         self.tt += np.einsum("gno,gno->g", tg, tg)
         self.n += n
         if self.keep_rows and self.kept < self.keep_rows:
             take = min(n, self.keep_rows - self.kept)
             idx = self.rng.choice(n, take, replace=False) if take < n else np.arange(n)
-            self.sample_x.append(xa[idx])
-            self.sample_t.append(t[idx])
+            self.sample_x.append(xg.transpose(1, 0, 2)[idx])
+            self.sample_t.append(tg.transpose(1, 0, 2)[idx])
             self.kept += take
 
     def residual(self, w_aug: np.ndarray) -> np.ndarray:
@@ -303,6 +319,30 @@ def solve(mode: str, stats: Stats, prior: np.ndarray, alpha: float = DEFAULT_ALP
     bad = ~np.all(np.isfinite(new), axis=(1, 2))
     new[bad] = prior[bad]
     return new
+
+
+#: Ridge strengths tried, as multiples of ``alpha``, when held-back rows can choose between them.
+ALPHA_STEPS = (1.0, 10.0, 100.0)
+
+
+def solve_validated(mode: str, stats: Stats, held: Stats | None, prior: np.ndarray, alpha: float = DEFAULT_ALPHA,
+                    eps: float = DEFAULT_EWR_EPS) -> tuple[np.ndarray, float]:
+    """(weights, ridge used): with held-back statistics, lstsq keeps the ``ALPHA_STEPS`` ridge that predicts them best.
+
+    A fixed ridge relative to the mean input energy is too weak when a
+    layer has few informative rows for its width (short sequences, wide
+    FFN inputs): the fit then follows noise.  The held-back rows pick the
+    strength per layer; the first (weakest) wins ties.
+    """
+    if mode != "lstsq" or held is None or not held.n:
+        return solve(mode, stats, prior, alpha, eps), alpha
+    best = None
+    for step in ALPHA_STEPS:
+        new = solve(mode, stats, prior, alpha * step, eps)
+        err = held.relative_error(new)
+        if best is None or err < best[0]:
+            best = (err, new, alpha * step)
+    return best[1], best[2]
 
 
 def output_map(segments, space_group: dict[int, int], maps: dict, sizes: dict[int, int]) -> np.ndarray | None:

@@ -122,6 +122,7 @@ class GroupRow:
     params: list[str]
     blocked: list[dict] = field(default_factory=list)
     kept: list[int] | None = None  # indices of the kept channels (pruned groups)
+    kind: str = "channel"  # channel | head | ffn | hidden (coupling.KINDS); a head = head_dim channels
     # Relative reconstruction error of the consumers' outputs on the calibration
     # data, before/after recovery (worst consumer); None without recovery.
     recovery_error: dict | None = None
@@ -141,6 +142,7 @@ class GroupRow:
             params=group.nodes(PARAM),
             blocked=[{"node": n, "reason": r} for n, r in group.blocked],
             kept=None if kept is None else [int(i) for i in kept],
+            kind=group.kind,
         )
 
 
@@ -160,6 +162,8 @@ class Report:
     calibration: dict | None = None  # {"samples": N} when calibration data was given
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
     sensitivity: dict | None = None  # the analysis behind a sensitivity allocation (summary)
+    # Whole-model output distortion on held-back calibration samples before/after recovery, and which was kept.
+    recovery_model: dict | None = None
 
     def set_stats(self, params_before: int, macs_before: MacCount, params_after: int, macs_after: MacCount) -> None:
         self.params_before, self.params_after = params_before, params_after
@@ -193,6 +197,7 @@ class Report:
             "validation": self.validation,
             **({"recovery": self.recovery} if self.recovery else {}),
             **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
+            **({"recovery_model": self.recovery_model} if self.recovery_model else {}),
         }
 
     def to_json(self) -> str:
@@ -224,6 +229,8 @@ class Report:
             if g.blocked:
                 b = g.blocked[0]
                 what = f"{b['node']}: {b['reason']}" + (f" (+{len(g.blocked) - 1} more)" if len(g.blocked) > 1 else "")
+            if g.kind != "channel":
+                what = f"[{g.kind}] {what}"
             rec = g.recovery_error
             if rec:
                 what += f"  [recon. error {rec['before']:.3f} -> {rec['after']:.3f}]"
@@ -237,9 +244,17 @@ class Report:
             before = max(r["error_before"] for r in self.recovery)
             after = max(r["error_after"] for r in self.recovery)
             lines.append("")
-            lines.append(f"recovery {o.get('recover')} on {o.get('calibration_samples')} calibration samples: "
+            samples = (self.calibration or {}).get("samples", o.get("calibration_samples"))
+            lines.append(f"recovery {o.get('recover')} on {samples} calibration samples: "
                          f"{len(self.recovery)} layers re-solved, worst relative output error "
                          f"{before:.3f} -> {after:.3f}")
+            rejected = sum(r.get("kept") == "unrecovered" for r in self.recovery)
+            if rejected:
+                lines.append(f"  {rejected} layer(s) kept their old weights (worse on held-back samples)")
+        if self.recovery_model:
+            m = self.recovery_model
+            lines.append(f"  output distortion ({m['measure']}) on {m['held_back_samples']} held-back samples: "
+                         f"{m['before']:.4g} without recovery, {m['after']:.4g} with; kept {m['kept']}")
         if self.sensitivity:
             s = self.sensitivity
             lines.append("")

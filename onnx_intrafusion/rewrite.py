@@ -66,7 +66,8 @@ def _apply_axis(values: np.ndarray, axis: int, pieces: list[tuple[int, int, np.n
 
 def new_axis_size(analysis: Analysis, maps: dict[int, ChannelMap], tensor: str) -> int:
     """Size of ``tensor``'s channel axis after the maps are applied."""
-    return segments_size(analysis, maps, analysis.axes[tensor].segments)
+    ax = analysis.axes[tensor]
+    return segments_size(analysis, maps, ax.segments) * ax.outer
 
 
 def segments_size(analysis: Analysis, maps: dict[int, ChannelMap], segments) -> int:

@@ -7,8 +7,8 @@ options) and, when the run recovers, recovered as the run would; the
 distortion of the final outputs (:func:`distortion.output_distortion`: KL for
 class scores, relative squared error otherwise) is measured on the
 *held-back* calibration samples (:func:`calibration.split_holdback`), which
-recovery never fits on.  Recovery is kept only when it lowers that distortion,
-the rule every data-aware step follows.  The MACs each run saves come from
+recovery never fits on (recovery checks itself on them as in the real run and
+is undone when it makes the outputs worse).  The MACs each run saves come from
 :func:`allocation.total_macs` (exact for Conv/Gemm/MatMul at batch 1).
 
 What is computed once and what per run.  The coupling analysis, the scores
@@ -74,7 +74,7 @@ class Point:
     level: float  # requested fraction of the group's channels removed
     keep: int
     macs_saved: float  # MACs removed by this run alone (batch 1)
-    distortion: float  # of the final outputs on the held-back samples (recovery kept when it helped)
+    distortion: float  # of the final outputs on the held-back samples (after recovery, if the run recovers)
     distortion_unrecovered: float | None = None  # before recovery (None when the run does not recover)
 
 
@@ -270,7 +270,7 @@ class _State:
         self.graph = gs.import_onnx(onnx.ModelProto.FromString(payload.graph))
 
     def run(self, cmap: tuple[int, ChannelMap]) -> tuple[float, float | None]:
-        """(distortion kept, distortion before recovery or None) with group ``gid`` mapped by ``cmap``."""
+        """(distortion, distortion before recovery or None) with group ``gid`` mapped by ``cmap``."""
         from .validate import run as ort_run
 
         gid, m = cmap
@@ -288,9 +288,11 @@ class _State:
             return before, None
         from .activations import recover
 
-        recover(graph, self.original, p.analysis, maps, p.fit, p.recover, alpha=p.alpha, eps=p.eps, seed=p.seed)
-        after = measure()
-        return min(before, after), before
+        # As the real run: fitted on ``fit``, each layer and the whole model checked on ``held``
+        # (a recovery that makes the outputs worse there is undone).
+        recover(graph, self.original, p.analysis, maps, p.fit, p.recover, holdback=p.held, alpha=p.alpha,
+                eps=p.eps, seed=p.seed)
+        return measure(), before
 
 
 _WORKER_STATE: dict[str, _State] = {}

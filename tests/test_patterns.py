@@ -387,5 +387,7 @@ class Attention(nn.Module):
 def test_transformer_mlp_hidden_is_pruned(tmp_path, exporter):
     result = check(export(Attention(), tmp_path, exporter, shape=(1, 6, 8)))
     assert (32, 16) in pruned_sizes(result.report)
-    # attention heads are left as they are, with the reason; the residual stream passes a LayerNorm
-    assert coupling.SPLIT_REASON in reasons(result.report)
+    # attention heads (fused QKV, [B, N, 3, heads, head_dim]) are pruned as whole heads;
+    # the residual stream passes a LayerNorm and is kept
+    assert (4, 2) in pruned_sizes(result.report)
+    assert coupling.SPLIT_REASON not in reasons(result.report)

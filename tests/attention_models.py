@@ -1,0 +1,142 @@
+"""Small transformer blocks in the forms torch exports, with heads built to be duplicates or dead.
+
+Forms (``FORMS``):
+
+* ``bert``: separate Q/K/V Linear, ``view`` + ``transpose`` into heads, ``Q K^T / sqrt(d)``, Softmax, ``@ V``
+* ``sdpa``: separate Q/K/V Linear without bias, ``F.scaled_dot_product_attention``
+* ``chunk``: one fused QKV Linear cut by ``chunk(3, -1)`` (a Split), then as ``bert``
+* ``mask``: ``bert`` with an additive attention mask constant (broadcast over heads)
+* ``stacked``: one fused QKV Linear reshaped to ``[B, S, 3, heads, head_dim]`` and permuted (timm, Swin)
+* ``relbias``: ``stacked`` plus a learned per-head bias ``[heads, S, S]`` added to the scores (Swin)
+* ``mha``: ``nn.MultiheadAttention`` (fused in-projection, ``[S, B, 3, C]``, batch folded with heads)
+
+Every block is followed by a residual + LayerNorm and an FFN (Linear, GELU, Linear), mean-pooled
+over tokens and classified, so head groups sit next to FFN and hidden-size groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FORMS = ("bert", "sdpa", "chunk", "mask", "stacked", "relbias", "mha")
+EXPORTERS = ("legacy", "dynamo")
+D, HEADS, TOKENS = 32, 4, 6
+
+
+class Block(nn.Module):
+    def __init__(self, form: str, d: int = D, heads: int = HEADS, classes: int = 5):
+        super().__init__()
+        self.form, self.heads, self.hd = form, heads, d // heads
+        bias = form != "sdpa"
+        if form in ("chunk", "stacked", "relbias"):
+            self.qkv = nn.Linear(d, 3 * d)
+        elif form == "mha":
+            self.mha = nn.MultiheadAttention(d, heads, batch_first=True)
+        else:
+            self.q, self.k, self.v = (nn.Linear(d, d, bias=bias) for _ in range(3))
+        self.o = self.mha.out_proj if form == "mha" else nn.Linear(d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.f1, self.f2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, classes)
+        mask = torch.triu(torch.full((TOKENS, TOKENS), -1e4), diagonal=1)
+        self.register_buffer("mask", mask)
+        self.rel = nn.Parameter(torch.randn(heads, TOKENS, TOKENS))
+
+    def qkv_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of Q, K and V (views into the fused weight for ``chunk``)."""
+        if self.form in ("chunk", "stacked", "relbias", "mha"):
+            d = self.o.in_features
+            w, b = (self.mha.in_proj_weight, self.mha.in_proj_bias) if self.form == "mha" else (self.qkv.weight,
+                                                                                                self.qkv.bias)
+            return [(w[i * d:(i + 1) * d], b[i * d:(i + 1) * d]) for i in range(3)]
+        return [(m.weight, m.bias) for m in (self.q, self.k, self.v)]
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        b, s, _ = t.shape
+        return t.view(b, s, self.heads, self.hd).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        if self.form == "mha":
+            x = self.ln1(x + self.mha(x, x, x, need_weights=False)[0])
+            x = self.ln2(x + self.f2(F.gelu(self.f1(x))))
+            return self.head(x.mean(1))
+        if self.form in ("stacked", "relbias"):
+            q, k, v = self.qkv(x).reshape(b, s, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        elif self.form == "chunk":
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.form not in ("stacked", "relbias"):
+            q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.form == "sdpa":
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.hd)
+            if self.form == "mask":
+                scores = scores + self.mask
+            if self.form == "relbias":
+                scores = scores + self.rel
+            a = torch.softmax(scores, dim=-1) @ v
+        x = self.ln1(x + self.o(a.transpose(1, 2).reshape(b, s, d)))
+        x = self.ln2(x + self.f2(F.gelu(self.f1(x))))
+        return self.head(x.mean(1))
+
+
+def _cols(h: int, hd: int) -> slice:
+    return slice(h * hd, (h + 1) * hd)
+
+
+def duplicated(form: str, seed: int = 0) -> Block:
+    """Heads HEADS/2.. copy heads 0.. in Q, K and V; the output projection gives the copy 10%, the original 90%."""
+    torch.manual_seed(seed)
+    m = Block(form).eval()
+    half, hd = HEADS // 2, m.hd
+    with torch.no_grad():
+        for w, b in m.qkv_weights():
+            for h in range(half):
+                m.rel[h + half] = m.rel[h]
+                w[_cols(h + half, hd)] = w[_cols(h, hd)]
+                if b is not None:
+                    b[_cols(h + half, hd)] = b[_cols(h, hd)]
+        wo = m.o.weight
+        for h in range(half):
+            base = wo[:, _cols(h, hd)].clone()
+            wo[:, _cols(h, hd)] = 0.9 * base
+            wo[:, _cols(h + half, hd)] = 0.1 * base
+    return m
+
+
+def dead_heads(form: str, dead: tuple[int, ...], seed: int = 0) -> Block:
+    """Heads in ``dead`` have all-zero output-projection columns: they contribute nothing."""
+    torch.manual_seed(seed)
+    m = Block(form).eval()
+    with torch.no_grad():
+        for h in dead:
+            m.o.weight[:, _cols(h, m.hd)] = 0.0
+    return m
+
+
+def export(model: nn.Module, path: Path, exporter: str, batch: int = 2, dynamic: bool = False) -> Path:
+    """Export with a fixed shape, or (``dynamic``) with a dynamic batch and sequence length."""
+    x = torch.randn(batch, TOKENS, D)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            axes = {"tokens": {0: "batch", 1: "tokens"}} if dynamic else None
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
+                              input_names=["tokens"], output_names=["logits"], dynamic_axes=axes)
+        else:
+            dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")},) if dynamic else None
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["tokens"],
+                              output_names=["logits"], dynamic_shapes=dims)
+    return path
