@@ -222,9 +222,16 @@ def toy_files(tmp_path):
 def test_cli_analyse_only_then_reuse(tmp_path, toy_files, capsys):
     model, calib = toy_files
     sens, out = tmp_path / "sens.json", tmp_path / "small.onnx"
+    plot = tmp_path / "sens.png"
     assert _cli(model, sens, "--analyse-only", "--calibration", calib, "--workers", 1,
-                "--sensitivity-levels", "0.25,0.5") == 0
+                "--sensitivity-levels", "0.25,0.5", "--sensitivity-plot", plot) == 0
     assert not out.exists() and sensitivity.Sensitivity.load(sens).levels == [0.25, 0.5]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not plot.exists()
+    else:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fc2" in capsys.readouterr().out
     assert _cli(model, out, "--allocation", "sensitivity", "--sensitivity", sens, "--sparsity", 0.3,
                 "--calibration", calib) == 0
