@@ -4,7 +4,9 @@ torchvision is not a dependency, so the two architectures are defined here:
 
 * ``resnet50``: bottleneck blocks 3-4-6-3, widths 64..2048, ~25.6M params,
   ~4.1 GMACs at 224x224 (the torchvision ResNet-50 layout);
-* ``mobilenetv2``: inverted residuals, width 1.0, ~3.5M params, ~0.3 GMACs.
+* ``mobilenetv2``: inverted residuals, width 1.0, ~3.5M params, ~0.3 GMACs;
+* ``vit``: ViT-S/16 (12 blocks, width 384, 6 heads, MLP 1536), ~22M params,
+  ~4.6 GMACs.
 
 BatchNorm gets non-trivial statistics and the model is exported in eval mode
 with the legacy (TorchScript) exporter, opset 17, 224x224 input and a dynamic
@@ -23,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "results" / "models"
-MODELS = ("resnet50", "mobilenetv2")
+MODELS = ("resnet50", "mobilenetv2", "vit")
 
 
 def _torch():
@@ -103,7 +105,45 @@ def build(name: str, seed: int = 0):
         def forward(self, x):
             return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
-    model = {"resnet50": ResNet50, "mobilenetv2": MobileNetV2}[name]()
+    class Attention(nn.Module):
+        def __init__(self, dim, heads):
+            super().__init__()
+            self.heads, self.qkv, self.proj = heads, nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            attn = torch.softmax(q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5, dim=-1)
+            return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+    class Block(nn.Module):
+        def __init__(self, dim, heads, hidden):
+            super().__init__()
+            self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+        def forward(self, x):
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+
+    class ViT(nn.Module):
+        """ViT-S/16: 12 blocks, width 384, 6 heads, MLP 1536 (22 M params, 4.6 GMACs at 224x224)."""
+
+        def __init__(self, dim=384, depth=12, heads=6, hidden=1536, classes=1000):
+            super().__init__()
+            self.patch = nn.Conv2d(3, dim, 16, 16)
+            self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+            self.pos = nn.Parameter(torch.randn(1, 197, dim) * 0.02)
+            self.blocks = nn.Sequential(*[Block(dim, heads, hidden) for _ in range(depth)])
+            self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+            return self.head(self.norm(self.blocks(x))[:, 0])
+
+    model = {"resnet50": ResNet50, "mobilenetv2": MobileNetV2, "vit": ViT}[name]()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():

@@ -1,19 +1,39 @@
-"""Inference speed of pruned models: onnxruntime CPU latency next to the MAC reduction.
+"""Inference speed of pruned models on several runtimes, next to the MAC reduction.
 
-For every model and sparsity the model is pruned (``--method prune`` by
-default: Intra-Fusion gives the same architecture, only other weights), then
-original and pruned models run in onnxruntime on the CPU with the intra-op
-threads pinned to the machine's cores, sequential execution, full graph
-optimisations.  After a warm-up, the models are timed in interleaved rounds
-(orig, p0.3, p0.5, ..., orig, ...) so that load from other processes hits
-all of them alike; the table shows the median per model.
+Runtimes (each skipped with a note when its package is missing):
 
-    python benchmarks/speed.py                       # resnet50, mobilenetv2, samples; 0.3/0.5/0.7; batch 1, 32
-    python benchmarks/speed.py --models resnet50 --sparsities 0.5 --batches 32 --round-to 8
+* ``ort``: onnxruntime, CPU provider (CUDA and TensorRT providers too when
+  onnxruntime-gpu sees a GPU: ``--runtimes ort-cuda ort-trt``), full graph
+  optimisation, sequential executor;
+* ``openvino``: OpenVINO on CPU, f32 inference precision (its default on
+  CPUs with bf16 units would be bf16, which is not what we compare), the
+  ONNX file read directly;
+* ``mnn``: MNN (the ``mnn`` wheel), ONNX converted to ``.mnn`` by MNN's own
+  converter, high precision, CPU.  The converter is called through its
+  native module: the wheel's ``mnnconvert`` script pip-installs a logging
+  SDK at first run (which downgrades protobuf below what onnx needs) and
+  sends usage logs.
 
-``speed-up`` = original / pruned latency; ``ideal`` = MACs before / after;
-``eff`` = speed-up / ideal (the target is >= 0.8 at batch 32, sparsity 0.5
-on resnet50).  Results: docs/results/speed.json.
+Two modes per batch size:
+
+* ``cpu``: one thread, CPU time of the process per run (``process_time``)
+  -- what other processes on a shared machine cannot inflate;
+* ``wall``: latency with ``--threads`` threads (default: the cores).
+
+Models are timed in interleaved rounds (orig, pruned@0.3, ..., orig, ...) so
+that load from other processes hits them alike; medians are reported.
+``ideal`` = MACs before / after (batch 1), ``speed-up`` = original / pruned
+median, ``eff`` = speed-up / ideal.
+
+    python benchmarks/speed.py --quick                          # everything, short
+    python benchmarks/speed.py --models resnet50 --runtimes ort --round-to 1 4 8 16 32
+    python benchmarks/speed.py --models mobilenetv2 --sparsities 0.3 --runtimes ort openvino mnn
+
+``--round-to`` values are variants of the pruned model (``default`` = the
+tool's default options, i.e. ``--target auto``).  Results are appended to
+``--out`` (default docs/results/speed.json) after every measurement; rows
+already there (same model, runtime, mode, batch, variant) are skipped, so an
+interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -29,10 +49,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
 
 import models as bench_models  # noqa: E402
 
@@ -40,10 +61,8 @@ from onnx_intrafusion import prune  # noqa: E402
 from onnx_intrafusion.model_io import save_model  # noqa: E402
 from onnx_intrafusion.report import count_macs  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "docs" / "results"  # committed JSON
-MODEL_CACHE = ROOT / "results"  # exported models (gitignored)
-SAMPLES = ("vgg_dynbatch_legacy", "resnet_legacy", "mobilenetv2_legacy")
+WORK = ROOT / "results" / "speed_models"  # pruned and converted models (not committed)
+OUT = ROOT / "docs" / "results" / "speed.json"
 
 
 def cores() -> int:
@@ -53,120 +72,261 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def feed(sess: ort.InferenceSession, batch: int) -> dict[str, np.ndarray] | None:
-    inp = sess.get_inputs()[0]
-    shape = [d if isinstance(d, int) else batch for d in inp.shape]
-    if isinstance(inp.shape[0], int) and inp.shape[0] != batch:
-        return None  # fixed batch: this batch size does not apply
-    return {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-
-
 def model_path(name: str) -> Path:
     if name in bench_models.MODELS:
         return bench_models.export(name)
     return ROOT / "samples" / f"{name}.onnx"
 
 
-def pruned_path(name: str, src: Path, sparsity: float, args) -> Path:
-    tag = f"{args.method}-{args.allocation}-r{args.round_to}-s{sparsity}"
-    out = MODEL_CACHE / "speed_models" / f"{name}-{tag}.onnx"
+def pruned_path(name: str, src: Path, sparsity: float, round_to: str, method: str) -> Path:
+    out = WORK / f"{name}-{method}-r{round_to}-s{sparsity}.onnx"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        result = prune(src, sparsity=sparsity, method=args.method, round_to=args.round_to,
-                       allocation=args.allocation, validate=False)
+        # "default": what the command line does without options (--target auto)
+        rt = None if round_to == "default" else int(round_to)
+        result = prune(src, sparsity=sparsity, method=method, round_to=rt, target="auto", validate=False)
         save_model(result.model, out)
     return out
 
 
-def time_models(paths: dict[str, Path], batch: int, threads: int, warmup: int, repeats: int,
-                budget: float, cpu: bool = False) -> dict[str, list[float]]:
-    """Seconds per run of each model, interleaved rounds.
+def input_spec(path: Path) -> tuple[str, list]:
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.dim_value > 0 else None for d in inp.type.tensor_type.shape.dim]
+    return inp.name, dims
 
-    ``cpu``: one intra-op thread and the CPU time of the calling thread (which
-    then does all the work): insensitive to other processes on the machine.
-    """
-    clock = time.thread_time if cpu else time.perf_counter
-    sessions = {k: session(p, 1 if cpu else threads) for k, p in paths.items()}
-    feeds = {k: feed(s, batch) for k, s in sessions.items()}
-    if any(f is None for f in feeds.values()):
-        return {}
-    for k, s in sessions.items():
+
+# -- runtimes: load(path, batch, threads) -> run(x) ------------------------------------------------
+
+def ort_loader(provider: str):
+    def load(path: Path, batch: int, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads == 1:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(str(path), opts, providers=list(dict.fromkeys([provider, "CPUExecutionProvider"])))
+        if sess.get_providers()[0] != provider:
+            raise RuntimeError(f"{provider} not usable")
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x})
+
+    return load
+
+
+def openvino_load(path: Path, batch: int, threads: int):
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    name, dims = input_spec(path)
+    model.reshape({model.inputs[0]: ov.PartialShape([batch if d is None else d for d in dims])})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                 "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})
+
+
+def mnn_convert(path: Path) -> Path:
+    out = path.with_suffix(".mnn")
+    if not out.exists():
+        import MNN  # noqa: F401  (loads the native converter module below)
+        import _tools
+
+        tmp = out.with_suffix(".tmp.mnn")
+        _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", str(path), "--MNNModel", str(tmp),
+                           "--bizCode", "bench"])
+        if not tmp.exists():
+            raise RuntimeError("MNN converter wrote nothing")
+        tmp.replace(out)
+    return out
+
+
+def mnn_load(path: Path, batch: int, threads: int):
+    import MNN.expr as F
+    import MNN.nn as nn
+
+    mnn_file = mnn_convert(path)
+    rt = nn.create_runtime_manager(({"precision": "high", "numThread": threads, "backend": "CPU"},))
+    module = nn.load_module_from_file(str(mnn_file), [], [], runtime_manager=rt)
+
+    def run(x):
+        out = module.forward(F.const(x.ravel(), list(x.shape), F.NCHW))
+        return out.read() if hasattr(out, "read") else [o.read() for o in out]
+
+    return run
+
+
+RUNTIMES = {
+    "ort": ort_loader("CPUExecutionProvider"),
+    "ort-cuda": ort_loader("CUDAExecutionProvider"),
+    "ort-trt": ort_loader("TensorrtExecutionProvider"),
+    "openvino": openvino_load,
+    "mnn": mnn_load,
+}
+
+
+def time_models(runners: dict, x: np.ndarray, cpu: bool, warmup: int, repeats: int, budget: float
+                ) -> dict[str, list[float]]:
+    clock = time.process_time if cpu else time.perf_counter
+    for run in runners.values():
         for _ in range(warmup):
-            s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+            run(x)
+    times: dict[str, list[float]] = {k: [] for k in runners}
     start = time.perf_counter()
     for r in range(repeats):
-        for k, s in sessions.items():
+        for k, run in runners.items():
             t = clock()
-            s.run(None, feeds[k])
+            run(x)
             times[k].append(clock() - t)
-        if r >= 4 and time.perf_counter() - start > budget:
+        if r >= 2 and time.perf_counter() - start > budget:
             break
     return times
 
 
+def key(row: dict) -> tuple:
+    return (row["model"], row["runtime"], row["mode"], row["batch"], row["sparsity"], str(row["round_to"]),
+            row["method"])
+
+
+def markdown(rows: list[dict], by_round_to: bool) -> str:
+    """The JSON rows as a Markdown table (speed-up and efficiency per runtime)."""
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    keys = sorted({(r["model"], r["mode"], r["batch"], str(r["round_to"]), r["sparsity"]) for r in rows},
+                  key=lambda k: (k[0], k[1], k[2], int(k[3]) if k[3].isdigit() else 0, k[4]))
+    first = "round-to | " if by_round_to else ""
+    head = (f"| model | mode | batch | {first}sparsity | MACs ratio | "
+            + " | ".join(f"{rt} ms orig -> pruned | {rt} speed-up (eff)" for rt in runtimes) + " |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for model, mode, batch, rt_, sparsity in keys:
+        cells, ideal = [], None
+        for rt in runtimes:
+            row = next((r for r in rows if (r["model"], r["mode"], r["batch"], str(r["round_to"]), r["sparsity"], r["runtime"])
+                        == (model, mode, batch, rt_, sparsity, rt)), None)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            ideal = row["ideal_speedup"]
+            if "error" in row:
+                cells += ["fails to load", "-"]
+            else:
+                cells += [f"{row['orig_ms']:.1f} -> {row['pruned_ms']:.1f}",
+                          f"{row['speedup']:.2f}x ({row['efficiency']:.2f})"]
+        first = f"{rt_} | " if by_round_to else ""
+        lines.append(f"| {model} | {mode} | {batch} | {first}{sparsity} | {ideal:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=[*bench_models.MODELS, *SAMPLES])
+    p.add_argument("--models", nargs="+", default=list(bench_models.MODELS))
+    p.add_argument("--runtimes", nargs="+", default=["ort", "openvino", "mnn"], choices=list(RUNTIMES))
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--method", default="prune", choices=("prune", "intrafusion"))
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "global"))
-    p.add_argument("--round-to", type=int, default=1)
-    p.add_argument("--threads", type=int, default=cores(), help="onnxruntime intra-op threads (default: cores)")
-    p.add_argument("--mode", nargs="+", default=["wall", "cpu"], choices=("wall", "cpu"),
-                   help="wall: latency with --threads threads; cpu: CPU time of a 1-thread run (robust to load)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds at most (at least 5)")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds of timed rounds per model and batch")
-    p.add_argument("--out", default=str(RESULTS / "speed.json"))
+    p.add_argument("--round-to", nargs="+", default=["default"], help="variants: default (= --target auto) or N")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--mode", nargs="+", default=["cpu", "wall"], choices=("cpu", "wall"))
+    p.add_argument("--method", default="prune", choices=("prune", "intrafusion"),
+                   help="same architecture either way; prune is faster to produce")
+    p.add_argument("--threads", type=int, default=cores())
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds at most (at least 3)")
+    p.add_argument("--budget", type=float, default=40.0, help="seconds of timed rounds per runtime, mode, batch")
+    p.add_argument("--quick", action="store_true", help="warmup 1, repeats 5, budget 10 s")
+    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--markdown", action="store_true", help="print --out's rows as a Markdown table, run nothing")
     args = p.parse_args(argv)
+    if args.markdown:
+        rows = [r for r in json.loads(Path(args.out).read_text())["rows"] if r["mode"] in args.mode]
+        print(markdown(rows, len({str(r["round_to"]) for r in rows}) > 1))
+        return 0
+    if args.quick:
+        args.warmup, args.repeats, args.budget = 1, 5, 10.0
 
-    rows = []
-    header = (f"{'model':<20} {'mode':>4} {'batch':>5} {'sparsity':>8} {'MACs(b=1)':>11} {'ideal':>6} {'orig ms':>9} "
-              f"{'pruned ms':>9} {'speed-up':>8} {'eff':>5} {'runs':>4}")
-    print(f"# {platform.node()}  {cores()} cores, ort {ort.__version__}, threads {args.threads}, "
-          f"load {os.getloadavg()[0]:.2f} at start")
-    print(header)
+    out = Path(args.out)
+    data = json.loads(out.read_text()) if out.exists() else {"runs": [], "rows": []}
+    done = {key(r) for r in data["rows"]}
+    data["runs"].append(dict(machine=platform.node(), processor=platform.processor(), cores=cores(),
+                             threads=args.threads, argv=sys.argv[1:] if argv is None else argv,
+                             load_start=os.getloadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
+    versions = {}
+    for mod in ("onnxruntime", "openvino", "MNN"):
+        try:
+            versions[mod] = getattr(__import__(mod), "__version__", "installed")
+        except ImportError:
+            versions[mod] = None
+    data["runs"][-1]["versions"] = versions
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data["runs"][-1]["load_end"] = os.getloadavg()
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(out)
+
+    print(f"# {cores()} cores, threads {args.threads}, load {os.getloadavg()[0]:.2f} at start, {versions}")
+    print(f"{'model':<12} {'runtime':<9} {'mode':>4} {'batch':>5} {'variant':>8} {'sparsity':>8} {'ideal':>6} "
+          f"{'orig ms':>9} {'pruned ms':>9} {'speed-up':>8} {'eff':>5}")
     for name in args.models:
         src = model_path(name)
         macs0 = count_macs(onnx.load(str(src)))
-        variants = {f"s{s}": pruned_path(name, src, s, args) for s in args.sparsities}
-        macs = {k: count_macs(onnx.load(str(v))) for k, v in variants.items()}
-        for mode, batch in [(m, b) for b in args.batches for m in args.mode]:
-            times = time_models({"orig": src, **variants}, batch, args.threads, args.warmup, args.repeats,
-                                args.budget, cpu=mode == "cpu")
-            if not times:
-                continue
-            orig = statistics.median(times["orig"])
-            for s in args.sparsities:
-                k = f"s{s}"
-                med = statistics.median(times[k])
-                ideal = macs0 / macs[k]
-                row = dict(model=name, mode=mode, threads=1 if mode == "cpu" else args.threads, batch=batch, sparsity=s, method=args.method, allocation=args.allocation,
-                           round_to=args.round_to, macs_before=macs0, macs_after=macs[k], ideal_speedup=ideal,
-                           orig_ms=orig * 1e3, pruned_ms=med * 1e3, speedup=orig / med,
-                           efficiency=orig / med / ideal, runs=len(times[k]),
-                           orig_ms_all=[t * 1e3 for t in times["orig"]], pruned_ms_all=[t * 1e3 for t in times[k]])
-                rows.append(row)
-                print(f"{name:<20} {mode:>4} {batch:>5} {s:>8} {macs[k] / 1e6:>10.0f}M {ideal:>6.2f} {orig * 1e3:>9.2f} "
-                      f"{med * 1e3:>9.2f} {orig / med:>8.2f} {orig / med / ideal:>5.2f} {len(times[k]):>4}",
-                      flush=True)
-    meta = dict(machine=platform.node(), cores=cores(), threads=args.threads, ort=ort.__version__,
-                load_end=os.getloadavg(), argv=sys.argv[1:])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"# load {os.getloadavg()[0]:.2f} at end; wrote {args.out}")
+        variants = {(s, r): pruned_path(name, src, s, r, args.method) for r in args.round_to for s in args.sparsities}
+        macs = {v: count_macs(onnx.load(str(path))) for v, path in variants.items()}
+        for runtime in args.runtimes:
+            for batch in args.batches:
+                for mode in args.mode:
+                    todo = {v: path for v, path in variants.items()
+                            if (name, runtime, mode, batch, v[0], str(v[1]), args.method) not in done}
+                    if not todo:
+                        continue
+                    threads = 1 if mode == "cpu" else args.threads
+                    load = RUNTIMES[runtime]
+                    try:
+                        runners = {"orig": load(src, batch, threads)}
+                    except Exception as exc:  # noqa: BLE001 - runtime missing or cannot load the original
+                        print(f"{name:<12} {runtime:<9} skipped: {' '.join(str(exc).split())[:150]}")
+                        break
+                    errors = {}
+                    for v, path in todo.items():
+                        try:
+                            runners[v] = load(path, batch, threads)
+                        except Exception as exc:  # noqa: BLE001 - loads the original but not the pruned model
+                            errors[v] = " ".join(str(exc).split())[:300]
+                    _, dims = input_spec(src)
+                    x = np.random.default_rng(0).standard_normal(
+                        [batch if d is None else d for d in dims]).astype(np.float32)
+                    if dims[0] is not None and dims[0] != batch:
+                        break
+                    times = time_models(runners, x, mode == "cpu", args.warmup, args.repeats, args.budget)
+                    orig = statistics.median(times["orig"])
+                    for v in todo:
+                        s, r = v
+                        ideal = macs0 / macs[v]
+                        row = dict(model=name, runtime=runtime, mode=mode, threads=threads, batch=batch, sparsity=s,
+                                   round_to=r, method=args.method, macs_before=macs0, macs_after=macs[v],
+                                   ideal_speedup=ideal, orig_ms=orig * 1e3, runs=len(times["orig"]))
+                        if v in errors:
+                            row.update(error=errors[v])
+                            print(f"{name:<12} {runtime:<9} {mode:>4} {batch:>5} {r:>8} {s:>8} pruned model "
+                                  f"FAILED to load: {errors[v][:120]}")
+                        else:
+                            med = statistics.median(times[v])
+                            row.update(pruned_ms=med * 1e3, speedup=orig / med, efficiency=orig / med / ideal,
+                                       orig_ms_all=[t * 1e3 for t in times["orig"]],
+                                       pruned_ms_all=[t * 1e3 for t in times[v]])
+                            print(f"{name:<12} {runtime:<9} {mode:>4} {batch:>5} {r:>8} {s:>8} {ideal:>6.2f} "
+                                  f"{orig * 1e3:>9.2f} {med * 1e3:>9.2f} {orig / med:>8.2f} {orig / med / ideal:>5.2f}",
+                                  flush=True)
+                        data["rows"].append(row)
+                        done.add(key(row))
+                    save()
+    save()
+    print(f"# load {os.getloadavg()[0]:.2f} at end; wrote {out}")
     return 0
 
 

@@ -67,8 +67,8 @@ def _levels(text: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags whose ``dest`` is the name of an :class:`~onnx_intrafusion.options.Options` field."""
-    from .options import ALLOCATIONS, DATA_IMPORTANCES, GLOBAL_TARGETS, MARGINALS, METHODS, PROVIDERS, \
-        RECOVERIES, WEIGHT_IMPORTANCES
+    from .options import ALLOCATIONS, DATA_IMPORTANCES, DEPLOY_TARGETS, GLOBAL_TARGETS, MARGINALS, METHODS, \
+        PROVIDERS, QUANTIZATIONS, RECOVERIES, WEIGHT_IMPORTANCES
 
     p = _Parser(
         prog="onnx-intrafusion",
@@ -86,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="intrafusion",
                    help="intrafusion: merge removed channels into kept ones (default); prune: drop them")
     p.add_argument("--importance", choices=(*WEIGHT_IMPORTANCES, *DATA_IMPORTANCES), default="l1",
-                   help="channel importance that picks the kept channels (default l1); activation = mean "
-                   "|activation| on the calibration data (needs --calibration)")
+                   help="channel importance that picks the kept channels (default l1); these need "
+                   "--calibration: activation = mean |activation|, taylor = |activation x gradient| of a "
+                   "label-free loss, prospr = meta-gradient of channel masks through a few SGD steps "
+                   "(ProsPr); taylor and prospr need the torch extra")
     kinds = p.add_argument_group("transformers: per group kind (uniform allocation)")
     kinds.add_argument("--head-sparsity", type=float, default=None, metavar="S",
                        help="fraction of the attention heads removed in every attention (default --sparsity)")
@@ -103,9 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     ot.add_argument("--marginals", choices=MARGINALS, default=None,
                     help="transport marginals: uniform (default) or importance-weighted")
     alloc = p.add_argument_group("allocation")
-    alloc.add_argument("--round-to", type=_positive_int, default=1, metavar="N",
-                       help="every pruned group keeps a multiple of N channels (default 1); 8 or 16 suit GPU "
-                       "tensor cores, int8 kernels and onnxruntime's blocked CPU convolutions")
+    alloc.add_argument("--target", choices=DEPLOY_TARGETS, default="auto",
+                       help="runtime the model is for; every pruned group keeps a multiple of the channels its "
+                       "fast kernels need (auto, the default: the validation provider on this CPU, 16 with "
+                       "AVX-512, 8 with AVX2 or CUDA; none: exact counts; table in docs/deploy.md)")
+    alloc.add_argument("--round-to", type=_positive_int, default=None, metavar="N",
+                       help="every pruned group keeps a multiple of N channels (overrides --target's multiple)")
     alloc.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                        help="uniform: every group loses --sparsity of its channels (default); global: rank "
                        "channels across all groups (importance normalised by its group mean) and remove the "
@@ -145,13 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--recover", choices=RECOVERIES, default=None,
                       help="re-fit each pruned layer on the calibration data, input to output: bias = mean "
                       "shift, lstsq = ridge least squares (default with --calibration), ewr = entropic "
-                      "Wasserstein regression (SWAP); none without --calibration")
+                      "Wasserstein regression (SWAP); distill = lstsq, then fine-tune all weights to match "
+                      "the original model's outputs (torch extra); none without --calibration")
     data.add_argument("--recover-alpha", type=float, default=None,
                       help="lstsq/ewr: ridge strength towards the fused weights, relative to the input energy "
                       "(default 1e-3)")
     data.add_argument("--ewr-eps", type=float, default=None,
                       help="ewr: entropic regulariser, relative to the mean transport cost (default 0.05)")
+    data.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
+                      help="int8: after pruning and recovery, static int8 quantization (QDQ, per-channel "
+                      "weights) on the calibration data, checked against the original on held-back samples")
+    data.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
+                      help="distill: epochs over the calibration data (default 10)")
+    data.add_argument("--finetune-time", type=float, default=None, metavar="SECONDS",
+                      help="distill: stop after this many seconds (the best epoch so far is kept)")
     out = p.add_argument_group("output and validation")
+    out.add_argument("--ort-format", action="store_true",
+                     help="also write OUT.ort (onnxruntime's mobile format; OUT with .onnx replaced), "
+                     "checked by loading it")
     out.add_argument("--report", metavar="REPORT.json",
                      help="also write the report as JSON ('-': to stdout; the table then goes to stderr)")
     out.add_argument("--no-validate", dest="validate", action="store_false",
@@ -225,6 +241,12 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
         raise OutputError(f"output folder does not exist: {folder}")
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder is not writable: {folder}")
+    if args.ort_format:
+        from .deploy import ort_path
+
+        ort_file = _regular_or_absent(ort_path(dst), "OUT.ort")
+        if any(_same(p, ort_file) for p in protected):
+            raise UsageError("OUT.ort would overwrite the input: choose another OUT")
     report = None
     if args.analyse_only and dst.suffix.lower() == ".onnx":
         raise UsageError("with --analyse-only, OUT is the analysis (JSON), not a model: give a .json path")
@@ -350,19 +372,23 @@ def _run(args: argparse.Namespace) -> int:
     result = prune(args.input, options=options, calibration=args.calibration, progress=_progress(args))
     written = [result.sensitivity.save(dst)] if args.analyse_only else save_model(result.model, dst)
     result.report.output = str(Path(args.output))
-    # From here OUT is complete: only a report that was asked for and could not be
-    # written undoes it (all or nothing); a closed stdout/stderr never does.
-    if args.report:
-        try:
+    # From here OUT is complete: only a report or .ort that was asked for and could not
+    # be written undoes it (all or nothing); a closed stdout/stderr never does.
+    try:
+        if args.ort_format:
+            from .deploy import write_ort
+
+            written.append(write_ort(written[0]))
+        if args.report:
             if report_path is None:  # "-": the JSON is the only thing on stdout
                 if not _emit(result.report.to_json(), sys.stdout):
                     raise OutputError("cannot write the report to stdout (closed)")
             else:
                 _write_text(report_path, result.report.to_json() + "\n")
-        except BaseException:
-            for path in written:
-                path.unlink(missing_ok=True)
-            raise
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     if args.sensitivity_plot and result.sensitivity is not None:
         if result.sensitivity.plot(args.sensitivity_plot) is None:
             warnings.warn(PruneWarning("matplotlib is not installed: no sensitivity plot written "

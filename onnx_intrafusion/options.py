@@ -26,11 +26,18 @@ from .errors import ProviderError, UsageError
 from .importance import IMPORTANCES as WEIGHT_IMPORTANCES
 from .plans import MARGINALS, METHODS
 
-#: Importances computed from calibration data (need --calibration).
-DATA_IMPORTANCES = ("activation",)
-#: Recovery modes (``recovery.MODES``; listed here so that checking options does not import POT).
-RECOVERIES = ("none", "bias", "lstsq", "ewr")
+#: Importances computed from calibration data (need --calibration); the gradient ones need torch.
+GRADIENT_IMPORTANCES = ("taylor", "prospr")
+DATA_IMPORTANCES = ("activation", *GRADIENT_IMPORTANCES)
+#: Recovery modes (``recovery.MODES``, plus distill = lstsq then gradient fine-tuning; listed here so
+#: that checking options does not import POT or torch).
+RECOVERIES = ("none", "bias", "lstsq", "ewr", "distill")
+#: Distillation epochs when finetune_epochs is not given.
+DEFAULT_FINETUNE_EPOCHS = 10
 PROVIDERS = ("auto", "cpu", "cuda")
+#: Deployment targets (``deploy.channel_multiple`` maps them to a channel multiple) and quantizations.
+DEPLOY_TARGETS = ("auto", "ort-cpu", "ort-cuda", "openvino", "tflite", "ncnn", "mnn", "none")
+QUANTIZATIONS = ("none", "int8")
 
 #: Fewer calibration samples than this get a warning (a few hundred are recommended).
 FEW_CALIBRATION_SAMPLES = 32
@@ -38,7 +45,13 @@ FEW_CALIBRATION_SAMPLES = 32
 
 @dataclass(frozen=True)
 class Options:
-    """What to prune and how.  Defaults are the documented CLI defaults."""
+    """What to prune and how.
+
+    Defaults are the documented CLI defaults, with one exception: ``target``
+    is ``"none"`` here (exact channel counts, the same on every machine, which
+    API users and tests rely on) and ``auto`` on the command line (a channel
+    multiple that the machine's runtime is fast with; see :mod:`deploy`).
+    """
 
     sparsity: float = 0.5
     method: str = "intrafusion"
@@ -53,8 +66,10 @@ class Options:
     ot_reg: float | None = None
     ot_p: float | None = None
     marginals: str | None = None
-    # Allocation
-    round_to: int = 1
+    # Allocation.  round_to None = the multiple of ``target`` (resolved in :meth:`resolve`).
+    # The library keeps exact counts (target "none"); the command line defaults to --target auto.
+    round_to: int | None = None
+    target: str = "none"
     allocation: str = "uniform"
     global_target: str | None = None
     max_group_sparsity: float | None = None
@@ -69,6 +84,11 @@ class Options:
     recover: str | None = None
     recover_alpha: float | None = None
     ewr_eps: float | None = None
+    # Deployment: int8 quantization after pruning (needs calibration data)
+    quantize: str = "none"
+    # Distillation (only with recover="distill")
+    finetune_epochs: int | None = None
+    finetune_time: float | None = None
     # Validation
     validate: bool = True
     provider: str = "auto"
@@ -94,7 +114,10 @@ class Options:
             groups = tuple(self.groups) if not isinstance(self.groups, (str, bytes)) else None
             if groups is None or not all(_is_int(g) and g >= 0 for g in groups):
                 raise UsageError(f"groups must be a list of group ids (non-negative integers), got {self.groups!r}")
-        _integer(self.round_to, "round-to", 1)
+        if self.round_to is not None:
+            _integer(self.round_to, "round-to", 1)
+        _choice(self.target, "target", DEPLOY_TARGETS)
+        _choice(self.quantize, "quantization", QUANTIZATIONS)
         _choice(self.allocation, "allocation", ALLOCATIONS)
         for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity)):
             if value is not None:
@@ -157,6 +180,7 @@ class Options:
                 ("--calibration-samples", self.calibration_samples is not None),
                 ("--recover-alpha", self.recover_alpha is not None),
                 ("--ewr-eps", self.ewr_eps is not None),
+                (f"--quantize {self.quantize}", self.quantize != "none"),
             ) if given]
             if needs:
                 raise UsageError(f"{needs[0]} needs calibration data (--calibration FILE.npz)")
@@ -164,16 +188,30 @@ class Options:
             _integer(self.calibration_samples, "calibration-samples", 1)
         recover = self.recover or ("lstsq" if has_calibration else "none")
         if self.recover_alpha is not None:
-            if recover not in ("lstsq", "ewr"):
-                raise UsageError(f"--recover-alpha only applies to --recover lstsq or ewr, not {recover}")
+            if recover not in ("lstsq", "ewr", "distill"):
+                raise UsageError(f"--recover-alpha only applies to --recover lstsq, ewr or distill, not {recover}")
             _number(self.recover_alpha, "recover-alpha", 0.0, math.inf, low_open=True)
         if self.ewr_eps is not None:
             if recover != "ewr":
                 raise UsageError(f"--ewr-eps only applies to --recover ewr, not {recover}")
             _number(self.ewr_eps, "ewr-eps", 0.0, math.inf, low_open=True)
+        distill = recover == "distill"
+        for name, value in (("finetune-epochs", self.finetune_epochs), ("finetune-time", self.finetune_time)):
+            if value is not None and not distill:
+                raise UsageError(f"--{name} only applies to --recover distill, not {recover}")
+        if self.finetune_epochs is not None:
+            _integer(self.finetune_epochs, "finetune-epochs", 0)
+        if self.finetune_time is not None:
+            _number(self.finetune_time, "finetune-time", 0.0, math.inf, low_open=True)
 
+        round_to = self.round_to
+        if round_to is None:
+            from .deploy import channel_multiple  # imports onnxruntime: only when it is needed
+
+            round_to = channel_multiple(self.target, self.provider, self.quantize)
         return replace(
             self,
+            round_to=int(round_to),
             sparsity=float(self.sparsity),
             head_sparsity=None if self.head_sparsity is None else float(self.head_sparsity),
             ffn_sparsity=None if self.ffn_sparsity is None else float(self.ffn_sparsity),
@@ -189,8 +227,11 @@ class Options:
             sensitivity_levels=levels,
             recover=recover,
             recover_alpha=(1e-3 if self.recover_alpha is None else float(self.recover_alpha))
-            if recover in ("lstsq", "ewr") else None,
+            if recover in ("lstsq", "ewr", "distill") else None,
             ewr_eps=(0.05 if self.ewr_eps is None else float(self.ewr_eps)) if recover == "ewr" else None,
+            finetune_epochs=(DEFAULT_FINETUNE_EPOCHS if self.finetune_epochs is None else int(self.finetune_epochs))
+            if distill else None,
+            finetune_time=None if self.finetune_time is None else float(self.finetune_time),
         )
 
     def kind_sparsity(self) -> dict[str, float]:

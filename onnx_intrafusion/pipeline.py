@@ -12,7 +12,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -21,7 +21,7 @@ from . import allocation as allocation_mod, coupling, importance as importance_m
 from . import sensitivity as sensitivity_mod
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
 from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
-from .options import FEW_CALIBRATION_SAMPLES, Options
+from .options import DATA_IMPORTANCES, FEW_CALIBRATION_SAMPLES, GRADIENT_IMPORTANCES, Options
 from .progress import Progress, as_progress
 from .report import GroupRow, Report, mac_count, params_count
 
@@ -33,6 +33,7 @@ class PruneResult:
     report: Report
     external_data: bool = False  # the input kept its weights in an external file
     sensitivity: sensitivity_mod.Sensitivity | None = None  # the analysis behind a sensitivity allocation
+    fp32: onnx.ModelProto | None = None  # with quantize="int8": the pruned model before quantization
 
 
 class _Timer:
@@ -80,7 +81,7 @@ def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
     if given is not None and group.id in given:
         return given[group.id]
     rng = np.random.default_rng([seed, group.id])
-    return importance_mod.group_scores(scored, "l1" if importance == "activation" else importance, rng)
+    return importance_mod.group_scores(scored, "l1" if importance in DATA_IMPORTANCES else importance, rng)
 
 
 def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
@@ -116,7 +117,10 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
-            keep = (plans.keep_count(group.size, group_sparsity, round_to) if keeps is None
+            # A head group counts heads, each head_dim channels wide: the channel multiple is not
+            # applied to the head count.
+            multiple = 1 if group.kind == "head" else round_to
+            keep = (plans.keep_count(group.size, group_sparsity, multiple) if keeps is None
                     else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
@@ -163,7 +167,8 @@ def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: d
 
     table = sensitivity_mod.analyse(
         original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=selected,
-        round_to=opts.round_to, recover=opts.recover, recover_alpha=opts.recover_alpha or 1e-3,
+        round_to=opts.round_to, recover="lstsq" if opts.recover == "distill" else opts.recover,  # no fine-tuning per run
+        recover_alpha=opts.recover_alpha or 1e-3,
         ewr_eps=opts.ewr_eps or 0.05, seed=opts.seed, workers=opts.workers, ray_address=opts.ray_address,
         progress=progress,
         options=dict(method=opts.method, importance=opts.importance, ot_reg=opts.ot_reg, ot_p=opts.ot_p,
@@ -203,6 +208,37 @@ def _warn_custom_ops(graph, analysis: Analysis) -> None:
             f"the {len(touched)} channel group(s) they touch are left unpruned"), stacklevel=3)
 
 
+def _gradients():
+    """The torch-based stages (:mod:`finetune`), or a one-line error telling how to get them."""
+    try:
+        from . import finetune
+    except ImportError as exc:
+        if "torch" not in str(exc):
+            raise
+        raise UsageError("--recover distill and --importance taylor/prospr need torch: "
+                         "pip install onnx-intrafusion[torch]") from None
+    return finetune
+
+
+def _distill(graph, original: onnx.ModelProto, calib: dict[str, np.ndarray], opts: Options,
+             progress: Progress) -> dict:
+    """Fine-tune the pruned graph's weights in place towards the original's outputs; returns the record."""
+    from . import calibration as calibration_mod
+    from .differentiable import assign
+
+    fit, held = calibration_mod.split_holdback(calib, seed=opts.seed)
+    with progress.steps("distillation epochs", opts.finetune_epochs) as steps:
+        def epoch_done(epoch: int, total: int, loss: float, held_back: float) -> None:
+            steps.advance(detail=f"loss {loss:.4g}, held-back distortion {held_back:.4g}")
+
+        weights, record = _gradients().distill(graph, original, fit, held, epochs=opts.finetune_epochs,
+                                               time_budget=opts.finetune_time, seed=opts.seed,
+                                               progress=epoch_done)
+    assign(graph, weights)
+    record["weights_changed"] = len(weights)
+    return record
+
+
 def prune(
     model: str | os.PathLike | onnx.ModelProto,
     sparsity: float = 0.5,
@@ -232,7 +268,13 @@ def prune(
     removing ``sparsity`` of every group: ``sparsity`` of the MACs
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
-    channels (see :mod:`onnx_intrafusion.allocation`).  A run that would
+    channels (see :mod:`onnx_intrafusion.allocation`).  ``target``
+    (auto/ort-cpu/ort-cuda/openvino/tflite/ncnn/mnn/none) makes every pruned
+    group keep a multiple of the channels that runtime's fast kernels need
+    (:mod:`onnx_intrafusion.deploy`; ``round_to`` overrides it; the library
+    default ``none`` keeps exact counts, the command line's is ``auto``).
+    ``quantize="int8"`` (needs ``calibration``) quantizes the pruned model
+    statically: ``model`` is then the int8 model, ``fp32`` the one before.  A run that would
     prune nothing raises :class:`NothingToPrune` unless
     ``allow_unchanged=True``.
 
@@ -244,6 +286,14 @@ def prune(
     saved analysis to reuse (read when it exists, written there otherwise).
     ``analyse_only=True`` stops after the analysis: the result has
     ``model=None`` and the analysis in ``result.sensitivity``.
+
+    Gradient options (the ``torch`` extra): ``recover="distill"`` runs
+    lstsq and then fine-tunes the pruned weights towards the original
+    model's outputs for ``finetune_epochs`` epochs (at most
+    ``finetune_time`` seconds), keeping the weights with the lowest
+    distortion on held-back calibration samples; ``importance="taylor"`` or
+    ``"prospr"`` scores channels from gradients (see
+    :mod:`onnx_intrafusion.finetune`).
     """
     from . import calibration as calibration_mod
 
@@ -252,6 +302,8 @@ def prune(
     elif option_fields or (sparsity, method, importance) != (0.5, "intrafusion", "l1"):
         raise UsageError("give the options either as keywords or as options=Options(...), not both")
     opts = options.resolve(has_calibration=calibration is not None)
+    if opts.recover == "distill" or opts.importance in GRADIENT_IMPORTANCES:
+        _gradients()  # torch missing: say so before any work
     calib = None if calibration is None else calibration_mod.read(calibration, opts.calibration_samples)
     if calib is not None and calibration_mod.sample_count(calib) < FEW_CALIBRATION_SAMPLES:
         warnings.warn(PruneWarning(
@@ -288,6 +340,11 @@ def prune(
         with timer.stage("activations"):
             ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
             given_scores = activation_scores(original, graph, analysis, feeds, ids)
+    elif opts.importance in GRADIENT_IMPORTANCES:
+        with timer.stage(opts.importance):
+            ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+            given_scores = _gradients().IMPORTANCES[opts.importance](graph, original, analysis, calib, ids,
+                                                                     seed=opts.seed)
     table = None
     if opts.allocation == "sensitivity" or opts.analyse_only:
         with timer.stage("sensitivity"):
@@ -330,19 +387,23 @@ def prune(
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
-    layers, result = [], None
+    layers, result, distilled = [], None, None
     if opts.recover != "none":
         from .activations import recover as recover_layers
 
         with timer.stage("recover"):
+            start = "lstsq" if opts.recover == "distill" else opts.recover  # distillation starts from lstsq
             fit, held = _recovery_split(calib, original, opts.seed)
-            result = recover_layers(graph, original, analysis, maps, fit, opts.recover, holdback=held,
+            result = recover_layers(graph, original, analysis, maps, fit, start, holdback=held,
                                     alpha=opts.recover_alpha or 1e-3, eps=opts.ewr_eps or 0.05, seed=opts.seed,
                                     progress=progress)
             layers = result.layers
-            pruned = model_io.to_model(graph, original)
-            if pruned.ByteSize() < 2**31 - 1:
-                onnx.checker.check_model(pruned, full_check=True)
+        if opts.recover == "distill":
+            with timer.stage("distill"):  # on the same split of the calibration samples
+                distilled = _distill(graph, original, calib, opts, progress)
+        pruned = model_io.to_model(graph, original)
+        if pruned.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(pruned, full_check=True)
 
     report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
     if calib is not None:
@@ -368,6 +429,7 @@ def prune(
         report.attach_recovery(layers, analysis)
     if result is not None and result.model is not None:
         report.recovery_model = result.model.to_dict()
+    report.distill = distilled
     with timer.stage("stats"):
         report.set_stats(params_count(original), mac_count(original), params_count(pruned), mac_count(pruned))
     if opts.validate:
@@ -376,8 +438,17 @@ def prune(
         with timer.stage("validate"):
             real = None if calib is None else _validation_feeds(calib, original, opts.seed)
             report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real).to_dict()
+    fp32 = None
+    if opts.quantize == "int8":
+        from .deploy import quantize_checked
+
+        with timer.stage("quantize"):
+            fp32 = pruned
+            pruned, info = quantize_checked(original, fp32, calib, calibration_mod.batches, opts.provider, opts.seed)
+            report.quantization = info.to_dict()
     report.timings = timer.timings
-    return PruneResult(model=pruned, report=report, external_data=loaded.external_data, sensitivity=table)
+    return PruneResult(model=pruned, report=report, external_data=loaded.external_data, fp32=fp32,
+                       sensitivity=table)
 
 
 def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int
@@ -439,6 +510,10 @@ def _nothing_pruned_reason(analysis: Analysis, selected: set[int] | None, opts: 
         why = "sparsity 0 keeps every channel"
     elif opts.round_to > 1 and all(g.size <= opts.round_to for g in todo):
         why = f"every prunable group has at most round-to={opts.round_to} channels"
+        from .deploy import channel_multiple
+
+        if opts.target != "none" and channel_multiple(opts.target, opts.provider, opts.quantize) == opts.round_to:
+            why += f" (the channel multiple of --target {opts.target}; --target none prunes exact counts)"
     else:
         why = f"every prunable group keeps all its channels at sparsity {opts.sparsity:g} (round-to {opts.round_to})"
     return (f"nothing to prune: {why}; no copy is written (use --allow-unchanged / allow_unchanged=True to "

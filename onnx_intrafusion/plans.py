@@ -131,6 +131,65 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: L1 cost matrices with more element operations than this use the compiled kernel
+#: (:func:`_l1_kernel`) when numba is installed; smaller ones are not worth its start-up.
+COMPILED_COST_WORK = 200_000_000
+
+_L1_KERNEL = None
+
+
+def _l1_kernel():
+    """numba L1 distance kernel (float64, blocked), or None without numba.
+
+    SciPy's ``cdist("cityblock")`` runs a scalar loop; this one vectorises the
+    feature axis, reuses each channel's row for four kept rows and keeps a
+    block of kept rows in cache: ~4x faster per core on groups of ResNet-50's
+    size (docs/results/plan_scaling.json).  Sums are float64 like SciPy's;
+    only the summation order differs (relative differences ~1e-15), so the
+    transport plans are the same (tested).  Compiled once per machine
+    (numba's cache), released GIL so the row blocks run on all cores.
+    """
+    global _L1_KERNEL
+    if _L1_KERNEL is None:
+        try:
+            import numba
+        except Exception:  # noqa: BLE001 - not installed, or broken (e.g. a module shadowing `coverage`)
+            _L1_KERNEL = False
+            return None
+
+        @numba.njit(fastmath=True, nogil=True, cache=True)
+        def l1(x, y, out):  # pragma: no cover - compiled
+            n, f = x.shape
+            m = y.shape[0]
+            for j0 in range(0, m, 32):  # 32 kept rows (~1 MB at 4500 features) stay in L2 for all rows of x
+                j1 = min(m, j0 + 32)
+                for i in range(n):
+                    xi = x[i]
+                    j = j0
+                    while j + 4 <= j1:
+                        y0, y1, y2, y3 = y[j], y[j + 1], y[j + 2], y[j + 3]
+                        s0 = s1 = s2 = s3 = 0.0
+                        for t in range(f):
+                            v = xi[t]
+                            s0 += abs(v - y0[t])
+                            s1 += abs(v - y1[t])
+                            s2 += abs(v - y2[t])
+                            s3 += abs(v - y3[t])
+                        out[i, j], out[i, j + 1], out[i, j + 2], out[i, j + 3] = s0, s1, s2, s3
+                        j += 4
+                    while j < j1:
+                        s = 0.0
+                        for t in range(f):
+                            s += abs(xi[t] - y[j, t])
+                        out[i, j] = s
+                        j += 1
+
+        probe = np.zeros((1, 1))
+        l1(probe, probe, np.empty((1, 1)))  # compile (or load numba's cache) once, not in the worker threads
+        _L1_KERNEL = l1
+    return _L1_KERNEL or None
+
+
 def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0) -> np.ndarray:
     """Minkowski-p distances (C x k) from every channel to the kept ones, float64.
 
@@ -140,11 +199,16 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0) -> np.nd
     between kept channels is symmetric, so it comes from ``pdist`` (half the
     work, bitwise the same distances); the other rows from ``cdist``.  SciPy
     releases the GIL, so large matrices are split by rows over the available
-    cores; each row is computed exactly as without splitting.
+    cores; each row is computed exactly as without splitting.  Large L1
+    matrices use the compiled kernel instead when numba is installed
+    (:func:`_l1_kernel`, same values up to summation order).
     """
     x = np.ascontiguousarray(features, dtype=np.float64)
     kept = np.asarray(kept)
     y = np.ascontiguousarray(x[kept])
+    kernel = _l1_kernel() if p == 1 and x.shape[0] * y.shape[0] * x.shape[1] >= COMPILED_COST_WORK else None
+    if kernel is not None:
+        return _compiled_cost(kernel, x, y)
     if p == 1:
         metric, kwargs = "cityblock", {}
     elif p == 2:
@@ -174,6 +238,20 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0) -> np.nd
     tasks += [lambda idx=idx: rows(idx) for idx in np.array_split(others, threads * 4) if len(idx)]
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda task: task(), tasks))
+    return out
+
+
+def _compiled_cost(kernel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Full C x k L1 matrix from the compiled kernel, row blocks spread over the cores."""
+    out = np.empty((len(x), len(y)))
+    blocks = [b for b in np.array_split(np.arange(len(x)), _threads() * 4) if len(b)]
+
+    def run(idx: np.ndarray) -> None:
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        kernel(x[lo:hi], y, out[lo:hi])
+
+    with ThreadPoolExecutor(_threads()) as pool:
+        list(pool.map(run, blocks))
     return out
 
 

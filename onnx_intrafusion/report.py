@@ -162,8 +162,10 @@ class Report:
     calibration: dict | None = None  # {"samples": N} when calibration data was given
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
     sensitivity: dict | None = None  # the analysis behind a sensitivity allocation (summary)
+    quantization: dict | None = None  # deploy.Quantization, with --quantize
     # Whole-model output distortion on held-back calibration samples before/after recovery, and which was kept.
     recovery_model: dict | None = None
+    distill: dict | None = None  # held-back distortion before/after distillation, epochs, seconds, device
 
     def set_stats(self, params_before: int, macs_before: MacCount, params_after: int, macs_after: MacCount) -> None:
         self.params_before, self.params_after = params_before, params_after
@@ -197,7 +199,9 @@ class Report:
             "validation": self.validation,
             **({"recovery": self.recovery} if self.recovery else {}),
             **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
+            **({"quantization": self.quantization} if self.quantization else {}),
             **({"recovery_model": self.recovery_model} if self.recovery_model else {}),
+            **({"distill": self.distill} if self.distill else {}),
         }
 
     def to_json(self) -> str:
@@ -214,7 +218,8 @@ class Report:
     def to_text(self, max_rows: int = 40) -> str:
         lines = []
         o = self.options
-        lines.append(f"method={o.get('method')} importance={o.get('importance')} sparsity={o.get('sparsity')}")
+        lines.append(f"method={o.get('method')} importance={o.get('importance')} sparsity={o.get('sparsity')} "
+                     f"target={o.get('target')} round-to={o.get('round_to')}")
         lines.append(f"params  {self.params_before:>14,} -> {self.params_after:>14,}  ({_ratio(self.params_after, self.params_before)})")
         if self.macs_before is None or self.macs_after is None:
             lines.append(f"MACs    unknown ({self.macs_note})")
@@ -255,6 +260,11 @@ class Report:
             m = self.recovery_model
             lines.append(f"  output distortion ({m['measure']}) on {m['held_back_samples']} held-back samples: "
                          f"{m['before']:.4g} without recovery, {m['after']:.4g} with; kept {m['kept']}")
+        if self.distill:
+            d = self.distill
+            lines.append(f"  distillation: held-back {d['measure']} {d['held_back_before']:.4g} -> "
+                         f"{d['held_back_after']:.4g} (best of {d['epochs']} epochs: epoch {d['best_epoch']}, "
+                         f"{d['seconds']:.1f}s on {d['device']})")
         if self.sensitivity:
             s = self.sensitivity
             lines.append("")
@@ -273,6 +283,13 @@ class Report:
             for out in v["outputs"]:
                 top1 = "" if out["top1_agreement"] is None else f"  top-1 agreement {out['top1_agreement']:.3f}"
                 lines.append(f"  {out['name']}: max|diff| {out['max_abs_diff']:.3g}  cosine {out['cosine']:.4f}{top1}")
+        q = self.quantization
+        if q:
+            lines.append("")
+            top1 = "" if q["top1_agreement_int8"] is None else f", top-1 agreement {q['top1_agreement_int8']:.3f}"
+            lines.append(f"int8 ({q['format']}): {q['bytes_fp32'] / 1e6:.2f} MB -> {q['bytes_int8'] / 1e6:.2f} MB; "
+                         f"drift vs original on {q['held_back_samples']} held-back samples: fp32 "
+                         f"{q['drift_fp32']:.4g}, int8 {q['drift_int8']:.4g} (int8 vs fp32 {q['drift_int8_vs_fp32']:.4g}){top1}")
         if self.timings:
             lines.append("")
             lines.append("time: " + "  ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))

@@ -8,6 +8,9 @@ Fashion-MNIST models (28x28, 1 channel, 10 classes) -> samples/fashion/:
                blocks, projection shortcuts (conv1x1+BN) where stride/width change
   mobilenetv2  MobileNetV2-style: inverted residuals (1x1 expand, 3x3 depthwise,
                1x1 linear projection), residual adds, GAP, Linear
+  mobilenetv3  MobileNetV3-small-style: bottlenecks with depthwise convs, squeeze-excite
+               (hard-sigmoid gate), hard-swish; exported with BatchNormalization kept
+               (not folded into Conv) by both exporters
 Each is exported in eval mode twice: {name}_legacy.onnx (TorchScript exporter,
 opset 17) and {name}_dynamo.onnx (torch.export based exporter). Input `input`
 [batch,1,28,28], output `logits` [batch,10].
@@ -18,7 +21,7 @@ Digits model (scikit-learn's bundled 8x8 digits) -> samples/digits/digits_cnn.on
 Data come from benchmarks/datasets.py (offline; Fashion-MNIST from the Debian
 package dataset-fashion-mnist). Usage:
 
-  python samples/train.py [--models vgg11bn,resnet18,mobilenetv2,digits] [--epochs N]
+  python samples/train.py [--models vgg11bn,resnet18,mobilenetv2,mobilenetv3,digits] [--epochs N]
 
 Deterministic given --seed (on the same machine / thread count).
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import fcntl
 import json
 import os
@@ -44,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import datasets  # noqa: E402  (pure numpy, no downloads)
 
 SAMPLES = ROOT / "samples"
-FASHION_MODELS = ("vgg11bn", "resnet18", "mobilenetv2")
+FASHION_MODELS = ("vgg11bn", "resnet18", "mobilenetv2", "mobilenetv3")
 ALL_MODELS = FASHION_MODELS + ("digits",)
 
 
@@ -159,6 +163,74 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def make_divisible(v, divisor=8):
+    """Round a channel count to a multiple of `divisor` (MobileNet convention)."""
+    return max(divisor, int(v + divisor / 2) // divisor * divisor)
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3 SE: GAP -> 1x1 conv (ReLU) -> 1x1 conv -> hard-sigmoid gate -> scale."""
+
+    def __init__(self, ch):
+        super().__init__()
+        sq = make_divisible(ch // 4)
+        self.fc1 = nn.Conv2d(ch, sq, 1)
+        self.fc2 = nn.Conv2d(sq, ch, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        s = F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+        return x * s
+
+
+class Bneck(nn.Module):
+    """MobileNetV3 bottleneck: 1x1 expand-BN-act, kxk depthwise-BN-act, optional SE,
+    1x1 linear projection-BN, residual add when stride 1 and widths match."""
+
+    def __init__(self, cin, k, exp, cout, se, act, stride):
+        super().__init__()
+        layers = []
+        if exp != cin:
+            layers += conv_bn_relu(cin, exp, 1, act=act)
+        layers += conv_bn_relu(exp, exp, k, stride, groups=exp, act=act)
+        if se:
+            layers.append(SqueezeExcite(exp))
+        layers += [nn.Conv2d(exp, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.block = nn.Sequential(*layers)
+        self.use_res = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.block(x) if self.use_res else self.block(x)
+
+
+class MobileNetV3(nn.Module):
+    """MobileNetV3-small-style for 28x28x1: conv3x3-BN-hswish stem at full
+    resolution, bneck rows (kernel, expand, out, SE, activation, stride) with
+    strides placed for 28 -> 14 -> 7 -> 4, 1x1 conv-BN-hswish head, GAP, then
+    the V3 classifier Linear-hswish-Dropout-Linear."""
+
+    RE, HS = nn.ReLU, nn.Hardswish
+    CFG = ((3, 16, 16, True, RE, 2), (3, 64, 24, False, RE, 1), (3, 72, 24, False, RE, 1),
+           (5, 96, 40, True, HS, 2), (5, 160, 40, True, HS, 1), (5, 120, 48, True, HS, 1),
+           (5, 144, 48, True, HS, 1), (5, 288, 96, True, HS, 2), (5, 384, 96, True, HS, 1))
+
+    def __init__(self, stem=16, last=384, hidden=256, cfg=CFG, num_classes=10):
+        super().__init__()
+        layers = conv_bn_relu(1, stem, act=nn.Hardswish)
+        cin = stem
+        for k, exp, cout, se, act, s in cfg:
+            layers.append(Bneck(cin, k, exp, cout, se, act, s))
+            cin = cout
+        layers += conv_bn_relu(cin, last, 1, act=nn.Hardswish)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(last, hidden), nn.Hardswish(inplace=True), nn.Dropout(0.2),
+                                        nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class DigitsCNN(nn.Module):
     """Tight CNN for 8x8 digits: conv16@8 - conv32@8 - MaxPool - conv32@4 - GAP - Linear."""
 
@@ -179,6 +251,8 @@ RECIPES = {
     "resnet18": dict(cls=ResNet18, epochs=5, batch=128, lr=0.1, wd=5e-4, channels_last=False),
     # depthwise convs train ~2x faster in channels_last on CPU (oneDNN)
     "mobilenetv2": dict(cls=MobileNetV2, epochs=6, batch=128, lr=0.1, wd=1e-4, channels_last=True),
+    # exported with BatchNormalization unfolded (see export_legacy / export_dynamo)
+    "mobilenetv3": dict(cls=MobileNetV3, epochs=6, batch=128, lr=0.1, wd=1e-4, channels_last=True, keep_bn=True),
     "digits": dict(cls=DigitsCNN, epochs=60, batch=64, lr=0.05, wd=5e-4, channels_last=False),
 }
 
@@ -284,16 +358,42 @@ def file_bytes(path):
     return total + (data.stat().st_size if data.exists() else 0), data if data.exists() else None
 
 
-def export_legacy(model, path, shape):
+def export_legacy(model, path, shape, keep_bn=False):
+    """TorchScript exporter, opset 17, dynamic batch. With keep_bn the eval-mode
+    model is exported with TrainingMode.PRESERVE: the exporter's BN-into-Conv
+    folding runs only for TrainingMode.EVAL, so BatchNormalization stays as an
+    inference node (training_mode=0, one output)."""
     x = torch.zeros(1, *shape)
+    kwargs = {}
+    if keep_bn:
+        kwargs = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
     with torch.no_grad():
         torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return dict(exporter="legacy (TorchScript)", opset=17, dynamic_batch=True, notes="")
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kwargs)
+    notes = "BatchNormalization kept (training=PRESERVE on an eval-mode model)" if keep_bn else ""
+    return dict(exporter="legacy (TorchScript)", opset=17, dynamic_batch=True, notes=notes)
 
 
-def export_dynamo(model, path, shape):
+@contextlib.contextmanager
+def dynamo_rewrites_without_bn_fusion():
+    """The dynamo exporter's optimizer (onnxscript) folds BatchNormalization into
+    the preceding Conv/Gemm through its default rewrite rules. Inside this context
+    those rules are left out of the default set, everything else (constant folding,
+    the other rewrites) runs unchanged."""
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import _fuse_batchnorm
+
+    bn_rules = {id(r) for r in _fuse_batchnorm.rules}
+    saved = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in saved if id(r) not in bn_rules)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = saved
+
+
+def export_dynamo(model, path, shape, keep_bn=False):
     notes = ""
     for p in (Path(path), Path(str(path) + ".data")):
         if p.exists():
@@ -303,15 +403,22 @@ def export_dynamo(model, path, shape):
     try:
         with torch.no_grad():
             prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"],
-                                     dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)
+                                     dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False,
+                                     optimize=not keep_bn)
         dynamic = True
     except Exception as e:  # pragma: no cover - depends on torch version
         notes = f"dynamic batch failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); fixed batch 1"
         print("  dynamo dynamic export failed, falling back to fixed batch:", notes, flush=True)
         with torch.no_grad():
             prog = torch.onnx.export(model, (torch.zeros(1, *shape),), dynamo=True, input_names=["input"],
-                                     output_names=["logits"], verbose=False)
+                                     output_names=["logits"], verbose=False, optimize=not keep_bn)
         dynamic = False
+    if keep_bn:
+        with dynamo_rewrites_without_bn_fusion():
+            prog.optimize()
+        notes = (notes + "; " if notes else "") + (
+            "BatchNormalization kept: exported with optimize=False, then the default onnxscript "
+            "optimizer run without its BatchNorm-fusion rewrite rules")
     prog.save(str(path))
     import onnx
 
@@ -341,7 +448,23 @@ def check_and_eval(path, x_te, y_te, ref_logits, dynamic):
                         output_shape=[d if isinstance(d, int) else str(d) for d in out.shape])
 
 
-def export_all(name, model, x_te, y_te, outdir, shape, exporters, cl=False):
+def check_batchnorm_kept(path):
+    """Number of BatchNormalization nodes; raises unless there is at least one
+    and each is an inference node (one output, training_mode 0)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    bns = [n for n in m.graph.node if n.op_type == "BatchNormalization"]
+    if not bns:
+        raise RuntimeError(f"{path}: BatchNormalization was folded away")
+    for n in bns:
+        mode = next((a.i for a in n.attribute if a.name == "training_mode"), 0)
+        if len([o for o in n.output if o]) != 1 or mode != 0:
+            raise RuntimeError(f"{path}: {n.name} is not an inference BatchNormalization")
+    return len(bns)
+
+
+def export_all(name, model, x_te, y_te, outdir, shape, exporters, cl=False, keep_bn=False):
     ref = torch_predict(model, x_te)
     torch_acc = float((ref.argmax(1) == y_te).mean())
     results = {}
@@ -349,7 +472,9 @@ def export_all(name, model, x_te, y_te, outdir, shape, exporters, cl=False):
         fname = f"{name}_{kind}.onnx" if name != "digits" else "digits_cnn.onnx"
         path = outdir / fname
         t = time.time()
-        info = (export_legacy if kind == "legacy" else export_dynamo)(model, path, shape)
+        info = (export_legacy if kind == "legacy" else export_dynamo)(model, path, shape, keep_bn=keep_bn)
+        if keep_bn:
+            info["batchnorm_nodes"] = check_batchnorm_kept(path)
         logits, ev = check_and_eval(path, x_te, y_te, ref, info["dynamic_batch"])
         size, data = file_bytes(path)
         info.update(ev)
@@ -395,22 +520,44 @@ def load_meta(path):
     return {}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(ALL_MODELS),
-                    help=f"comma separated subset of {','.join(ALL_MODELS)}")
+@contextlib.contextmanager
+def locked_meta(path):
+    """Read-modify-write of a metadata.json under a file lock, so parallel
+    training runs that finish at the same time do not drop each other's entries."""
+    with open(Path(tempfile.gettempdir()) / f"onnx_intrafusion_{path.parent.name}_meta.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = load_meta(path)
+        yield meta
+        path.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def parse_training_args(doc, all_models, argv=None, add_arguments=None):
+    """Command line shared by the sample trainers (--models, --epochs, --seed,
+    --threads, plus whatever `add_arguments(parser)` adds). Sets torch's thread
+    count and deterministic mode; returns (args, list of model names)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--models", default=",".join(all_models),
+                    help=f"comma separated subset of {','.join(all_models)}")
     ap.add_argument("--epochs", type=int, default=None, help="override every model's default epoch count")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--exporters", default="legacy,dynamo", help="fashion models: legacy,dynamo")
+    if add_arguments is not None:
+        add_arguments(ap)
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in models if m not in ALL_MODELS]
+    bad = [m for m in models if m not in all_models]
     if bad:
-        ap.error(f"unknown model(s) {bad}; choose from {ALL_MODELS}")
+        ap.error(f"unknown model(s) {bad}; choose from {all_models}")
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, seed={args.seed}", flush=True)
+    return args, models
+
+
+def main(argv=None):
+    args, models = parse_training_args(
+        __doc__, ALL_MODELS, argv,
+        lambda ap: ap.add_argument("--exporters", default="legacy,dynamo", help="fashion models: legacy,dynamo"))
 
     fashion = [m for m in models if m in FASHION_MODELS]
     if fashion:
@@ -424,31 +571,27 @@ def main(argv=None):
         for name in fashion:
             epochs = args.epochs or RECIPES[name]["epochs"]
             model, info = train_model(name, x_tr, y_tr, x_te, y_te, epochs, args.seed, aug)
-            files = export_all(name, model, x_te, y_te, outdir, (1, 28, 28), args.exporters.split(","))
-            lock = open(Path(tempfile.gettempdir()) / "onnx_intrafusion_fashion_meta.lock", "w")  # parallel runs
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            meta = load_meta(meta_path)
-            meta.setdefault("dataset", dict(
-                name="Fashion-MNIST", source="Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)",
-                loader="benchmarks.datasets.load_fashion_mnist", test_images=int(len(y_te)),
-                input_normalisation=dict(scale="pixel/255", mean=datasets.FASHION_MEAN, std=datasets.FASHION_STD),
-                classes=list(datasets.FASHION_CLASSES)))
-            meta.setdefault("files", {})
-            r = RECIPES[name]
-            for fname, fi in files.items():
-                meta["files"][fname] = dict(
-                    model=name, **fi, params=info["params"], epochs=info["epochs"],
-                    train_wall_seconds=info["train_seconds"],
-                    train_cpu_seconds=info["train_cpu_seconds"], seed=args.seed, threads=args.threads,
-                    torch_version=torch.__version__,
-                    input_normalisation=dict(mean=datasets.FASHION_MEAN, std=datasets.FASHION_STD),
-                    training=dict(optimizer="SGD nesterov momentum 0.9", lr_schedule="OneCycle", max_lr=r["lr"],
-                                  weight_decay=r["wd"], batch=r["batch"],
-                                  augmentation="random crop (pad 2) + horizontal flip"),
-                    history=info["history"])
-            meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            lock.close()
+            files = export_all(name, model, x_te, y_te, outdir, (1, 28, 28), args.exporters.split(","),
+                               keep_bn=RECIPES[name].get("keep_bn", False))
+            with locked_meta(meta_path) as meta:  # parallel runs
+                meta.setdefault("dataset", dict(
+                    name="Fashion-MNIST", source="Debian package dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)",
+                    loader="benchmarks.datasets.load_fashion_mnist", test_images=int(len(y_te)),
+                    input_normalisation=dict(scale="pixel/255", mean=datasets.FASHION_MEAN, std=datasets.FASHION_STD),
+                    classes=list(datasets.FASHION_CLASSES)))
+                meta.setdefault("files", {})
+                r = RECIPES[name]
+                for fname, fi in files.items():
+                    meta["files"][fname] = dict(
+                        model=name, **fi, params=info["params"], epochs=info["epochs"],
+                        train_wall_seconds=info["train_seconds"],
+                        train_cpu_seconds=info["train_cpu_seconds"], seed=args.seed, threads=args.threads,
+                        torch_version=torch.__version__,
+                        input_normalisation=dict(mean=datasets.FASHION_MEAN, std=datasets.FASHION_STD),
+                        training=dict(optimizer="SGD nesterov momentum 0.9", lr_schedule="OneCycle", max_lr=r["lr"],
+                                      weight_decay=r["wd"], batch=r["batch"],
+                                      augmentation="random crop (pad 2) + horizontal flip"),
+                        history=info["history"])
 
     if "digits" in models:
         x_tr, y_tr = datasets.load_digits_split("train")

@@ -13,6 +13,11 @@ import onnxruntime as ort
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+try:  # before test modules put benchmarks/ on sys.path: its coverage.py would shadow the package numba reads
+    import numba  # noqa: F401
+except ImportError:
+    pass
 SAMPLES = ROOT / "samples"
 sys.path.insert(0, str(ROOT / "samples"))
 

@@ -179,7 +179,7 @@ def test_cli_global(tmp_path):
     out, rep = tmp_path / "p.onnx", tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "onnx_intrafusion", str(sample("resnet_legacy.onnx")), str(out),
                            "--sparsity", "0.4", "--global", "--max-group-sparsity", "0.8", "--report", str(rep),
-                           "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           "--quiet", "--target", "none"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(rep.read_text())
     assert report["options"]["allocation"] == "global" and report["options"]["max_group_sparsity"] == 0.8
@@ -210,3 +210,35 @@ def test_cost_matrix_is_bitwise_plain_cdist(size, keep):
     np.testing.assert_array_equal(plans.cost_matrix(feats, kept), cdist(feats, feats[kept], "cityblock"))
     repeated = np.array([3, 3, 7])  # duplicates: no symmetric shortcut
     np.testing.assert_array_equal(plans.cost_matrix(feats, repeated), cdist(feats, feats[repeated], "cityblock"))
+
+
+# -- compiled L1 cost matrix (numba): the cdist values, the same transport plans ------------------
+
+@pytest.mark.parametrize("size, keep, dim", [(64, 32, 300), (129, 45, 77), (200, 133, 513)])
+def test_compiled_l1_cost_gives_the_cdist_plan(monkeypatch, size, keep, dim):
+    pytest.importorskip("numba", reason="numba (the 'fast' extra) not installed: only the SciPy path runs here")
+    rng = np.random.default_rng(size + keep)
+    feats = plans.normalised_features([rng.standard_normal((size, dim))])
+    kept = np.sort(rng.choice(size, keep, replace=False))
+    reference = ot.dist(feats, feats[kept], metric="minkowski", p=1)  # POT, independent of both paths
+    monkeypatch.setattr(plans, "COMPILED_COST_WORK", 0)
+    monkeypatch.setattr(plans, "_threads", lambda: 3)
+    fast = plans.cost_matrix(feats, kept)
+    np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-12)
+    assert np.all(fast[kept, np.arange(keep)] == 0.0)
+    a, b = np.full(size, 1 / size), np.full(keep, 1 / keep)
+    np.testing.assert_array_equal(plans.transport_plan(feats, kept), ot.emd(a, b, reference))
+
+
+def test_compiled_path_is_used_only_for_large_l1_matrices(monkeypatch):
+    calls = []
+    monkeypatch.setattr(plans, "_compiled_cost", lambda kernel, x, y: calls.append(x.shape) or np.zeros((len(x), len(y))))
+    monkeypatch.setattr(plans, "_l1_kernel", lambda: object())
+    feats = np.random.default_rng(0).standard_normal((40, 10))
+    plans.cost_matrix(feats, np.arange(20))  # small: SciPy
+    plans.cost_matrix(feats, np.arange(20), p=2)
+    assert calls == []
+    monkeypatch.setattr(plans, "COMPILED_COST_WORK", 1)
+    plans.cost_matrix(feats, np.arange(20), p=2)  # not L1: SciPy
+    plans.cost_matrix(feats, np.arange(20))
+    assert calls == [(40, 10)]
