@@ -95,7 +95,8 @@ def kind_options(kind: str, s: float) -> dict:
 
 
 def group_summary(report: dict) -> dict:
-    """Per kind: channels before -> after summed over the groups, and how many groups were pruned."""
+    """Per kind: channels before -> after summed over the groups, how many groups were pruned, and why
+    the groups that could not be pruned were left alone (first reason of each, as in the report)."""
     out: dict[str, dict] = {}
     for g in report["groups"]:
         k = out.setdefault(g["kind"], {"groups": 0, "pruned": 0, "before": 0, "after": 0, "statuses": {}})
@@ -104,6 +105,8 @@ def group_summary(report: dict) -> dict:
         k["before"] += g["channels_before"]
         k["after"] += g["channels_after"]
         k["statuses"][g["status"]] = k["statuses"].get(g["status"], 0) + 1
+        if g["blocked"]:
+            k.setdefault("not_pruned_because", []).append(f"{g['blocked'][0]['node']}: {g['blocked'][0]['reason']}")
     return out
 
 
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
     limit = 2000 if args.quick else None
     out = OUT / ("transformers_quick.json" if args.quick else "transformers.json")
     settings = {"calibration_samples": n_calib, "calibration_split": "train", "test_limit": limit,
-                "importance": "l1", "target": "none", "threads": 1}
+                "importance": "l1", "target": "none", "threads": 1,
+                "methods": {"head": "prune (default --head-method)", "ffn": "intrafusion (default --method)"}}
     data = {"settings": settings, "baseline": {}, "rows": []}
     if out.exists() and not args.fresh:
         old = json.loads(out.read_text())
