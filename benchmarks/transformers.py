@@ -19,6 +19,7 @@ calibration samples before/after recovery, and which one was kept).
 
     OMP_NUM_THREADS=1 python benchmarks/transformers.py           # 24 rows, a few minutes
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --quick   # S=0.5, 256 samples, test subsets
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py --models vit_dynamo,textenc_dynamo   # the dynamo exports
 
 Writes docs/results/transformers.json (``--quick``: transformers_quick.json)
 after every row; a rerun skips rows already in the file with the same
