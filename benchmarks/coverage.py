@@ -45,11 +45,13 @@ from onnx_intrafusion.errors import UserError  # noqa: E402
 MODELS = [
     "resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
     "densenet121", "shufflenet_v2_x1_0", "squeezenet1_1", "regnet_x_400mf", "googlenet",
-    "resnext50_32x4d", "convnext_tiny", "mnasnet1_0", "vit_b_16",
+    "resnext50_32x4d", "convnext_tiny", "mnasnet1_0", "vit_b_16", "swin_t",
 ]
 EXPORTERS = ("legacy", "dynamo")
 METHODS = ("intrafusion", "prune")
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+# exported at 224x224: vit/vgg have fixed-size layers, swin is run at the size its windows were designed for
+FULL_SIZE = ("vit", "vgg", "swin")
 
 
 def _import_torchvision():
@@ -139,14 +141,45 @@ def run_one(path: Path, method: str, sparsity: float) -> dict:
         valid=valid, error=error, time_s=round(elapsed, 2),
         pruned=len(rep.pruned_groups), blocked=len(rep.blocked_groups), groups=len(rep.groups),
         reasons=reasons.most_common(4),
+        pruned_kinds=dict(collections.Counter(g.kind for g in rep.pruned_groups)),  # channel/head/ffn
         weights_in_pruned_pct=round(weight_coverage(path, rep), 1),
         params=[rep.params_before, rep.params_after], macs=[rep.macs_before, rep.macs_after],
     )
+    if rep.macs_note:
+        row["macs_note"] = rep.macs_note
     return row
 
 
-def _m(x: int) -> str:
-    return f"{x / 1e6:.2f}M"
+def _m(x: int | None) -> str:
+    return "unknown" if x is None else f"{x / 1e6:.2f}M"
+
+
+def _short(x: int | None) -> str:
+    if x is None:
+        return "unknown"
+    return f"{x / 1e9:.2f}G" if x >= 1e9 else f"{x / 1e6:.1f}M"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results table of docs/coverage.md, generated from the JSON rows."""
+    lines = ["| model | exporter | method | valid | pruned groups (kinds) | blocked groups | "
+             "% Conv/Gemm/MatMul weights in pruned groups | params before → after | MACs before → after | "
+             "blocked reasons (count) |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | --- | --- | --- |"]
+    for r in rows:
+        if "export_error" in r:
+            lines.append(f"| {r['model']} | {r['exporter']} | | export failed: {r['export_error']} | | | | | | |")
+            continue
+        if "pruned" not in r:
+            lines.append(f"| {r['model']} | {r['exporter']} | {r['method']} | no: {r['error']} | | | | | | |")
+            continue
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.get("pruned_kinds", {}).items()))
+        reasons = "; ".join(f"{reason} ({n})" for reason, n in r["reasons"])
+        valid = "yes" if r["valid"] else f"no: {r['error']}"
+        lines.append(f"| {r['model']} | {r['exporter']} | {r['method']} | {valid} | {r['pruned']} ({kinds}) | "
+                     f"{r['blocked']} | {r['weights_in_pruned_pct']:.1f} | {_short(r['params'][0])} → "
+                     f"{_short(r['params'][1])} | {_short(r['macs'][0])} → {_short(r['macs'][1])} | {reasons} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -155,24 +188,33 @@ def main(argv=None) -> int:
     p.add_argument("--exporters", nargs="*", default=list(EXPORTERS))
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit and vgg use 224: fixed-size layers)")
+    p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit, vgg and swin use 224)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "coverage.json"))
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip their runs")
+    p.add_argument("--markdown", metavar="JSON", help="print the Markdown table of a results file and exit")
     args = p.parse_args(argv)
-    rows = []
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())["rows"]))
+        return 0
+    rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
+    done = {(r["model"], r["exporter"], r.get("method")) for r in rows}
     header = (f"{'model':<20} {'exporter':<7} {'method':<11} {'valid':<5} {'pruned':>6} {'blocked':>7} "
               f"{'w%':>5} {'params before->after':>22} {'MACs before->after':>22} {'time':>6}  top blocked reasons")
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for exporter in args.exporters:
-                size = 224 if name.startswith(("vit", "vgg")) else args.size
+                methods = [m for m in args.methods if (name, exporter, m) not in done]
+                if not methods:
+                    continue
+                size = 224 if name.startswith(FULL_SIZE) else args.size
                 try:
                     path = export(name, exporter, Path(tmp), size)
                 except Exception as exc:  # noqa: BLE001
                     rows.append({"model": name, "exporter": exporter, "export_error": str(exc).splitlines()[0]})
                     print(f"{name:<20} {exporter:<7} export failed: {str(exc).splitlines()[0][:100]}", flush=True)
                     continue
-                for method in args.methods:
+                for method in methods:
                     row = {"model": name, "exporter": exporter, **run_one(path, method, args.sparsity)}
                     rows.append(row)
                     if "pruned" not in row or row.get("error"):

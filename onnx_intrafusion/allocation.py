@@ -1,4 +1,4 @@
-"""How many channels each group keeps: uniform or global allocation.
+"""How many channels each group keeps: uniform, global or sensitivity allocation.
 
 *Uniform* (the default): every group loses the same fraction of its channels
 (:func:`plans.keep_count`).
@@ -24,6 +24,34 @@ kept fraction of its input and output channel axes (depthwise Convs: ``f_out``
 only); this is exact for the ops :func:`report.count_macs` counts.  The
 allocation removes channels in rank order and finds by bisection the shortest
 prefix of the ranking that reaches the target.
+
+*Sensitivity* (:func:`sensitivity_keeps`): each group's distortion curve was
+measured by pruning it alone at a few levels (:mod:`sensitivity`); between
+measured levels the distortion is interpolated linearly in the number of
+channels kept (through the unpruned point, distortion 0).  The curves are
+taken as measured, not forced monotone: with uniform transport marginals a
+group of duplicated channels can be exact at 0.5 (every copy merges into its
+original) and lossy at 0.25.  Beyond the largest measured level nothing is
+extrapolated: a group never loses more than its largest measured level (nor
+more than ``max_group_sparsity``).  We minimise the *summed* distortion
+under the MAC budget (``sparsity`` = fraction of MACs removed) as a
+multiple-choice knapsack solved by dynamic programming over the MACs saved,
+discretised into ``bins`` units of the budget.  Why knapsack and not a
+Lagrangian sweep: the measured curves are not convex (a group is often
+harmless at 0.25 and 0.5 and breaks at 0.75), and a Lagrangian sweep only
+reaches the points on the convex hull of each curve, so it can miss budgets
+between them by a whole level of a large group; the DP has no such gap and
+costs well under a second (groups x candidates x bins, vectorised).  The DP
+counts each group's MACs as if pruned alone; a layer between two pruned
+groups saves less than the sum, so when the exact count (:class:`MacModel`)
+falls short, the DP is asked for that much more and solved again (a few
+rounds; the best result is kept).  Each DP answer is corrected one channel
+step at a time with the exact count: steps are taken (least distortion per
+MAC) until the budget is met, then given back (most distortion saved first,
+never one that adds distortion) while it still holds, so the result is within
+one channel step of the budget unless a step back would add distortion.  On a
+two-group chain with non-convex curves this finds the brute-force optimum
+(tests/test_sensitivity.py).
 """
 
 from __future__ import annotations
@@ -37,7 +65,7 @@ from .coupling import Analysis
 from .plans import keep_count
 
 TARGETS = ("macs", "channels")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 
 
 def _axis_size(analysis: Analysis, keeps: dict[int, int], tensor: str) -> int:
@@ -85,16 +113,44 @@ def node_macs(graph: gs.Graph, analysis: Analysis) -> list[tuple[int, str | None
     return rows
 
 
-def total_macs(analysis: Analysis, macs: list[tuple[int, str | None, str | None]], keeps: dict[int, int]) -> float:
-    total = 0.0
-    for base, inp, outp in macs:
-        f = 1.0
-        for t in (inp, outp):
-            if t is not None:
+class MacModel:
+    """Exact MACs of the counted nodes for any channel counts, precomputed per node axis.
+
+    An axis of size ``n`` holding ``b[g]`` positions per channel of group g
+    has ``n - sum_g (size_g - keep_g) * b[g]`` positions after pruning.
+    """
+
+    def __init__(self, analysis: Analysis, macs: list[tuple[int, str | None, str | None]]):
+        self.sizes = {g.id: g.size for g in analysis.groups}
+        self.rows = []
+        for base, inp, outp in macs:
+            axes = []
+            for t in (inp, outp):
+                if t is None:
+                    continue
                 before = _axis_size(analysis, {}, t)
-                f *= _axis_size(analysis, keeps, t) / before if before else 1.0
-        total += base * f
-    return total
+                blocks: dict[int, int] = {}
+                for seg in analysis.axes[t].segments:
+                    if seg.space is not None:
+                        gid = analysis.space_group[seg.space]
+                        blocks[gid] = blocks.get(gid, 0) + seg.block
+                if before and blocks:
+                    axes.append((before, blocks))
+            self.rows.append((float(base), axes))
+        self.before = self.total({})
+
+    def total(self, keeps: dict[int, int]) -> float:
+        total = 0.0
+        for base, axes in self.rows:
+            f = 1.0
+            for before, blocks in axes:
+                f *= (before - sum((self.sizes[g] - keeps[g]) * b for g, b in blocks.items() if g in keeps)) / before
+            total += base * f
+        return total
+
+
+def total_macs(analysis: Analysis, macs: list[tuple[int, str | None, str | None]], keeps: dict[int, int]) -> float:
+    return MacModel(analysis, macs).total(keeps)
 
 
 def _min_keep(size: int, max_group_sparsity: float) -> int:
@@ -143,8 +199,8 @@ def global_keeps(analysis: Analysis, scores: dict[int, np.ndarray], sparsity: fl
     else:
         if macs is None:
             raise ValueError("target 'macs' needs the MACs of the model's nodes")
-        before = total_macs(analysis, macs, {})
-        need = lambda n: total_macs(analysis, macs, keeps_after(n)) <= (1.0 - sparsity) * before * (1 + 1e-12)  # noqa: E731
+        model = MacModel(analysis, macs)
+        need = lambda n: model.total(keeps_after(n)) <= (1.0 - sparsity) * model.before * (1 + 1e-12)  # noqa: E731
     lo, hi = 0, len(items)
     if not need(hi):
         lo = hi
@@ -156,3 +212,147 @@ def global_keeps(analysis: Analysis, scores: dict[int, np.ndarray], sparsity: fl
             lo = mid + 1
     keeps = keeps_after(lo)
     return {gid: _rounded(sizes[gid], k, round_to, floors[gid]) for gid, k in keeps.items()}
+
+
+#: Candidates per group in the dynamic programme (the exact correction then works channel by channel).
+DP_CANDIDATES = 256
+
+
+def _candidates(size: int, measured_min: int, max_group_sparsity: float, round_to: int) -> np.ndarray:
+    """Channel counts a group may keep, descending: the full size, then every allowed count down to the floor."""
+    floor = max(_min_keep(size, max_group_sparsity), measured_min)
+    if round_to > 1:
+        ks = [k for k in range(size - 1, floor - 1, -1) if k % round_to == 0 and k >= round_to]
+    else:
+        ks = list(range(size - 1, floor - 1, -1))
+    return np.asarray([size] + ks, dtype=np.int64)
+
+
+def _interpolate(keeps: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Distortion at ``at`` channels: linear between the measured counts (inf, a broken model, as 1e30)."""
+    order = np.argsort(keeps, kind="stable")
+    k, d = keeps[order].astype(np.float64), values[order]
+    return np.interp(at.astype(np.float64), k, np.where(np.isfinite(d), d, 1e30))
+
+
+def sensitivity_keeps(analysis: Analysis, curves: dict[int, tuple[np.ndarray, np.ndarray]], sparsity: float,
+                      macs: list[tuple[int, str | None, str | None]], max_group_sparsity: float = 0.9,
+                      round_to: int = 1, bins: int = 1000) -> tuple[dict[int, int], dict[int, float], bool]:
+    """(channels kept, predicted distortion per group, budget met) minimising the summed distortion.
+
+    ``curves``: group id -> (channel counts, distortion) measured with the
+    group pruned alone, including the unpruned count with distortion 0.
+    Groups without a curve keep all channels.
+    """
+    model = MacModel(analysis, macs)
+    target = (1.0 - sparsity) * model.before
+    need = model.before - target
+    cands = {gid: _candidates(analysis.groups[gid].size, int(k.min()), max_group_sparsity, round_to)
+             for gid, (k, _) in curves.items()}
+    dist = {gid: _interpolate(*curves[gid], cands[gid]) for gid in curves}
+    if need <= 0 or not cands:
+        return {gid: int(c[0]) for gid, c in cands.items()}, {gid: 0.0 for gid in cands}, True
+    # The knapsack counts MACs additively; where that overestimates the saving, ask it for more (by the
+    # shortfall) and try again; keep the best corrected solution.
+    best = None
+    ask = need
+    for _ in range(KNAPSACK_ROUNDS):
+        start = _knapsack(model, cands, dist, ask, bins)
+        keeps, met = _correct(model, cands, dist, start, target)
+        score = sum(float(dist[gid][np.flatnonzero(cands[gid] == k)[0]]) for gid, k in keeps.items())
+        if best is None or (met, -score) > (best[2], -best[1]):
+            best = (keeps, score, met)
+        short = need - (model.before - model.total(start))
+        if short <= 1e-9 * need:
+            break
+        ask += short
+    keeps, _, met = best
+    return keeps, {gid: float(dist[gid][np.flatnonzero(cands[gid] == k)[0]]) for gid, k in keeps.items()}, met
+
+
+#: Knapsack solutions tried (each asking for more MACs when the exact count fell short).
+KNAPSACK_ROUNDS = 8
+
+
+def _correct(model: MacModel, cands: dict[int, np.ndarray], dist: dict[int, np.ndarray], keeps: dict[int, int],
+             target: float) -> tuple[dict[int, int], bool]:
+    """Exact MAC count: take channel steps until the budget holds, then give back steps while it still does."""
+    keeps = dict(keeps)
+    pos = {gid: int(np.flatnonzero(cands[gid] == k)[0]) for gid, k in keeps.items()}
+    limit = target * (1 + 1e-12)
+
+    def step_total(gid: int, to: int) -> float:
+        return model.total({**keeps, gid: int(cands[gid][to])})
+
+    current = model.total(keeps)
+    while current > limit:  # least distortion per MAC first
+        best = None
+        for gid, i in pos.items():
+            if i + 1 < len(cands[gid]):
+                t = step_total(gid, i + 1)
+                cost = (dist[gid][i + 1] - dist[gid][i]) / max(current - t, 1e-12)
+                if best is None or cost < best[0]:
+                    best = (cost, gid, t)
+        if best is None:
+            break  # every group at its floor: the budget cannot be met
+        _, gid, current = best
+        pos[gid] += 1
+        keeps[gid] = int(cands[gid][pos[gid]])
+    met = current <= limit
+    while met:  # most distortion saved first; never a step that adds distortion
+        best = None
+        for gid, i in pos.items():
+            if i > 0:
+                t = step_total(gid, i - 1)
+                gain = dist[gid][i] - dist[gid][i - 1]
+                if t <= limit and gain >= 0 and (best is None or gain > best[0]):
+                    best = (gain, gid, t)
+        if best is None:
+            break
+        _, gid, current = best
+        pos[gid] -= 1
+        keeps[gid] = int(cands[gid][pos[gid]])
+    return keeps, met
+
+
+def _knapsack(model: MacModel, cands: dict[int, np.ndarray], dist: dict[int, np.ndarray], need: float,
+              bins: int) -> dict[int, int]:
+    """Multiple-choice knapsack: one count per group, MACs saved (each group alone) >= need, least distortion."""
+    unit = need / bins
+    gids = list(cands)
+    table = []  # per group: (candidate indices, weights in units, distortions)
+    for gid in gids:
+        c = cands[gid]
+        idx = np.unique(np.linspace(0, len(c) - 1, min(len(c), DP_CANDIDATES)).round().astype(np.int64))
+        saved = np.array([model.before - model.total({gid: int(c[i])}) for i in idx])
+        table.append((idx, np.minimum(np.floor(saved / unit + 1e-9), bins).astype(np.int64), dist[gid][idx]))
+    inf = np.inf
+    dp = np.full(bins + 1, inf)
+    dp[0] = 0.0
+    choice = np.zeros((len(gids), bins + 1), dtype=np.int64)
+    prev = np.zeros((len(gids), bins + 1), dtype=np.int64)
+    j = np.arange(bins + 1)
+    for n, (idx, weight, d) in enumerate(table):
+        new = np.full(bins + 1, inf)
+        for ci, (w, dv) in enumerate(zip(weight, d)):
+            if w < bins:  # sources j -> j + w, below the cap
+                t = j[w:bins]
+                cand = dp[:bins - w] + dv
+                better = cand < new[t]
+                new[t[better]] = cand[better]
+                choice[n, t[better]] = ci
+                prev[n, t[better]] = t[better] - w
+            lo = bins - w  # sources j >= bins - w all reach the cap (the budget)
+            src = lo + int(np.argmin(dp[lo:]))
+            if dp[src] + dv < new[bins]:
+                new[bins] = dp[src] + dv
+                choice[n, bins] = ci
+                prev[n, bins] = src
+        dp = new
+    at = bins if np.isfinite(dp[bins]) else int(np.flatnonzero(np.isfinite(dp)).max())
+    keeps = {}
+    for n in range(len(gids) - 1, -1, -1):
+        idx = table[n][0]
+        keeps[gids[n]] = int(cands[gids[n]][idx[choice[n, at]]])
+        at = int(prev[n, at])
+    return keeps

@@ -24,6 +24,9 @@ EPILOG = """examples:
   onnx-intrafusion model.onnx small.onnx --sparsity 0.3 --method prune --importance l2 --report report.json
   python -m onnx_intrafusion in.onnx out.onnx --sparsity 0.5 --ot-reg 0.05 --provider cpu
   onnx-intrafusion model.onnx small.onnx --sparsity 0.5 --calibration calib.npz   (recommended with data)
+  onnx-intrafusion model.onnx sens.json --analyse-only --calibration calib.npz --sensitivity-plot sens.png
+  onnx-intrafusion model.onnx small.onnx --sparsity 0.5 --allocation sensitivity --sensitivity sens.json \
+      --calibration calib.npz   (--sparsity = fraction of MACs; sens.json is reused when it exists)
 
 exit codes: 0 ok, 1 internal error (a bug: please report; --debug shows the traceback),
             2 bad option, 3 unreadable, invalid or unsupported model, 4 nothing prunable,
@@ -53,6 +56,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions like 0.25,0.5,0.75, got '{text}'") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,14 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     alloc.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
                        help="uniform: every group loses --sparsity of its channels (default); global: rank "
                        "channels across all groups (importance normalised by its group mean) and remove the "
-                       "least important until --sparsity of the MACs (or channels, see --global-target) is gone")
+                       "least important until --sparsity of the MACs (or channels, see --global-target) is gone; "
+                       "sensitivity: measure each group pruned alone on held-back calibration samples, then "
+                       "remove --sparsity of the MACs with the least summed output distortion (needs --calibration)")
     alloc.add_argument("--global", dest="allocation", action="store_const", const="global",
                        help="same as --allocation global")
     alloc.add_argument("--global-target", choices=GLOBAL_TARGETS, default=None,
                        help="with --allocation global: what --sparsity is a fraction of (default macs)")
     alloc.add_argument("--max-group-sparsity", type=float, default=None, metavar="S",
-                       help="with --allocation global: no group loses more than this fraction of its channels "
-                       "(default 0.9)")
+                       help="with --allocation global or sensitivity: no group loses more than this fraction of "
+                       "its channels (default 0.9)")
+    sens = p.add_argument_group("sensitivity analysis (needs --calibration)")
+    sens.add_argument("--analyse-only", action="store_true",
+                      help="measure the sensitivity of every group and write it as JSON to OUT (a .json path; no "
+                      "model is written); reuse it with --allocation sensitivity --sensitivity OUT")
+    sens.add_argument("--sensitivity", metavar="FILE.json", default=None,
+                      help="with --allocation sensitivity: read the analysis from FILE when it exists (it must "
+                      "come from the same model), else measure it and write it there")
+    sens.add_argument("--sensitivity-levels", type=_levels, metavar="L1,L2,...", default=None,
+                      help="fractions of a group's channels removed in the analysis (default 0.25,0.5,0.75)")
+    sens.add_argument("--sensitivity-plot", metavar="FILE.png", default=None,
+                      help="also draw the analysis as a heat map, group x level (needs matplotlib)")
+    sens.add_argument("--workers", type=_positive_int, metavar="N", default=None,
+                      help="local processes for the analysis (default: the cores, bounded by memory)")
+    sens.add_argument("--ray", dest="ray_address", metavar="ADDRESS", default=None,
+                      help="run the analysis as Ray tasks on the cluster at ADDRESS (e.g. auto or "
+                      "ray://head:10001; pip install 'onnx-intrafusion[ray]')")
     data = p.add_argument_group("calibration data (recommended when available; no labels needed)")
     data.add_argument("--calibration", metavar="FILE.npz",
                       help="unlabelled inputs: keys = model input names (any one key for a single-input "
@@ -220,6 +248,16 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
         if any(_same(p, ort_file) for p in protected):
             raise UsageError("OUT.ort would overwrite the input: choose another OUT")
     report = None
+    if args.analyse_only and dst.suffix.lower() == ".onnx":
+        raise UsageError("with --analyse-only, OUT is the analysis (JSON), not a model: give a .json path")
+    if args.analyse_only and args.sensitivity is not None:
+        raise UsageError("--analyse-only writes the analysis to OUT; --sensitivity is for reusing it")
+    if args.sensitivity_plot is not None:
+        if not (args.analyse_only or args.allocation == "sensitivity"):
+            raise UsageError("--sensitivity-plot only applies to --allocation sensitivity or --analyse-only")
+        plot = _regular_or_absent(Path(args.sensitivity_plot), "the plot path")
+        if any(_same(p, plot) for p in [*protected, dst, data]) or not plot.resolve().parent.is_dir():
+            raise OutputError(f"cannot write the plot to {args.sensitivity_plot} (folder missing or IN/OUT)")
     if args.report and args.report != "-":
         report = _regular_or_absent(Path(args.report), "REPORT")
         if any(_same(p, report) for p in [*protected, dst, data]):
@@ -332,7 +370,7 @@ def _run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     dst, report_path = _check_paths(args)
     result = prune(args.input, options=options, calibration=args.calibration, progress=_progress(args))
-    written = save_model(result.model, dst)
+    written = [result.sensitivity.save(dst)] if args.analyse_only else save_model(result.model, dst)
     result.report.output = str(Path(args.output))
     # From here OUT is complete: only a report or .ort that was asked for and could not
     # be written undoes it (all or nothing); a closed stdout/stderr never does.
@@ -351,9 +389,16 @@ def _run(args: argparse.Namespace) -> int:
         for path in written:
             path.unlink(missing_ok=True)
         raise
+    if args.sensitivity_plot and result.sensitivity is not None:
+        if result.sensitivity.plot(args.sensitivity_plot) is None:
+            warnings.warn(PruneWarning("matplotlib is not installed: no sensitivity plot written "
+                                       "(pip install matplotlib)"))
+        else:
+            written.append(Path(args.sensitivity_plot))
     if not args.quiet:
         table = sys.stderr if args.report == "-" else sys.stdout
-        _emit(result.report.to_text(), table) and _emit(f"\nwrote {', '.join(str(p) for p in written)}", table)
+        text = result.sensitivity.to_text() if args.analyse_only else result.report.to_text()
+        _emit(text, table) and _emit(f"\nwrote {', '.join(str(p) for p in written)}", table)
     return 0
 
 

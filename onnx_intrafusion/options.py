@@ -73,6 +73,12 @@ class Options:
     allocation: str = "uniform"
     global_target: str | None = None
     max_group_sparsity: float | None = None
+    # Sensitivity analysis (allocation="sensitivity" or analyse_only; needs calibration data)
+    sensitivity: str | None = None  # a saved analysis: read when the file exists, else written there
+    sensitivity_levels: tuple[float, ...] | None = None  # default (0.25, 0.5, 0.75)
+    workers: int | None = None  # local processes (default: cores bounded by memory)
+    ray_address: str | None = None  # run the analysis as Ray tasks on this cluster
+    analyse_only: bool = False  # stop after the analysis (no model)
     # Calibration data and recovery (the data itself is passed separately)
     calibration_samples: int | None = None
     recover: str | None = None
@@ -137,10 +143,29 @@ class Options:
             _choice(self.marginals, "marginals", MARGINALS)
 
         is_global = self.allocation == "global"
-        for name, value in (("global-target", self.global_target),
-                            ("max-group-sparsity", self.max_group_sparsity)):
-            if value is not None and not is_global:
-                raise UsageError(f"--{name} only applies to global allocation (--global)")
+        budgeted = self.allocation in ("global", "sensitivity")
+        if self.global_target is not None and not is_global:
+            raise UsageError("--global-target only applies to global allocation (--global)")
+        if self.max_group_sparsity is not None and not budgeted:
+            raise UsageError("--max-group-sparsity only applies to global or sensitivity allocation "
+                             "(--global, --allocation sensitivity)")
+        analysed = self.allocation == "sensitivity" or bool(self.analyse_only)
+        for name, value in (("sensitivity", self.sensitivity), ("sensitivity-levels", self.sensitivity_levels),
+                            ("workers", self.workers), ("ray", self.ray_address)):
+            if value is not None and not analysed:
+                raise UsageError(f"--{name} only applies to --allocation sensitivity or --analyse-only")
+        if analysed and not has_calibration:
+            what = "--analyse-only" if self.analyse_only else "--allocation sensitivity"
+            raise UsageError(f"{what} needs calibration data (--calibration FILE.npz)")
+        levels = None
+        if analysed:
+            from .sensitivity import DEFAULT_LEVELS, check_levels
+
+            levels = tuple(check_levels(DEFAULT_LEVELS if self.sensitivity_levels is None else self.sensitivity_levels))
+        if self.workers is not None:
+            _integer(self.workers, "workers", 1)
+            if self.ray_address is not None:
+                raise UsageError("--workers and --ray exclude each other (Ray decides where tasks run)")
         if self.global_target is not None:
             _choice(self.global_target, "global target", GLOBAL_TARGETS)
         if self.max_group_sparsity is not None:
@@ -197,7 +222,9 @@ class Options:
             marginals=(self.marginals or "uniform") if fusion else None,
             global_target=(self.global_target or "macs") if is_global else None,
             max_group_sparsity=(0.9 if self.max_group_sparsity is None else float(self.max_group_sparsity))
-            if is_global else None,
+            if budgeted else None,
+            sensitivity=None if self.sensitivity is None else str(self.sensitivity),
+            sensitivity_levels=levels,
             recover=recover,
             recover_alpha=(1e-3 if self.recover_alpha is None else float(self.recover_alpha))
             if recover in ("lstsq", "ewr", "distill") else None,
@@ -219,8 +246,9 @@ class Options:
     def to_dict(self) -> dict:
         """JSON-ready, every field (``None`` = does not apply to this run)."""
         out = asdict(self)
-        if out["groups"] is not None:
-            out["groups"] = list(out["groups"])
+        for key in ("groups", "sensitivity_levels"):
+            if out[key] is not None:
+                out[key] = list(out[key])
         return out
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from . import allocation as allocation_mod, coupling, importance as importance_mod, model_io, plans, rewrite
+from . import sensitivity as sensitivity_mod
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
 from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
 from .options import DATA_IMPORTANCES, FEW_CALIBRATION_SAMPLES, GRADIENT_IMPORTANCES, Options
@@ -28,9 +29,10 @@ from .report import GroupRow, Report, mac_count, params_count
 
 @dataclass
 class PruneResult:
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None  # None with analyse_only
     report: Report
     external_data: bool = False  # the input kept its weights in an external file
+    sensitivity: sensitivity_mod.Sensitivity | None = None  # the analysis behind a sensitivity allocation
     fp32: onnx.ModelProto | None = None  # with quantize="int8": the pruned model before quantization
 
 
@@ -138,6 +140,62 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     return maps
 
 
+def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: dict[str, np.ndarray],
+                 calib: dict[str, np.ndarray], selected: set[int] | None,
+                 given_scores: dict[int, np.ndarray] | None, opts: Options,
+                 progress: Progress) -> tuple[sensitivity_mod.Sensitivity, str]:
+    """(the analysis, where it came from): read from ``opts.sensitivity`` when that file exists, else measured.
+
+    A measured analysis is written to ``opts.sensitivity`` when given.  The
+    channel maps come from :func:`plan_groups`, i.e. exactly the run's own;
+    handing :mod:`sensitivity` this callable keeps it free of the pipeline.
+    """
+    source = opts.sensitivity
+    if source is not None and os.path.exists(source):
+        table = sensitivity_mod.Sensitivity.load(source, sensitivity_mod.fingerprint(original))
+        now = dict(method=opts.method, importance=opts.importance, recover=opts.recover, round_to=opts.round_to)
+        differ = [f"{k} {table.options.get(k)} (now {v})" for k, v in now.items() if table.options.get(k) != v]
+        if differ:
+            warnings.warn(PruneWarning(f"{source} was measured with {', '.join(differ)}; using it as it is"),
+                          stacklevel=3)
+        return table, f"read from {source}"
+
+    def plan(gid: int, keep: int) -> plans.ChannelMap:
+        return plan_groups(analysis, values, 0.0, opts.method, opts.importance, opts.seed, {gid},
+                           opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform",
+                           keeps={gid: keep}, given_scores=given_scores)[gid]
+
+    table = sensitivity_mod.analyse(
+        original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=selected,
+        round_to=opts.round_to, recover="lstsq" if opts.recover == "distill" else opts.recover,  # no fine-tuning per run
+        recover_alpha=opts.recover_alpha or 1e-3,
+        ewr_eps=opts.ewr_eps or 0.05, seed=opts.seed, workers=opts.workers, ray_address=opts.ray_address,
+        progress=progress,
+        options=dict(method=opts.method, importance=opts.importance, ot_reg=opts.ot_reg, ot_p=opts.ot_p,
+                     marginals=opts.marginals))
+    if source is not None:
+        table.save(source)
+        return table, f"measured, written to {source}"
+    return table, "measured"
+
+
+def sensitivity_keeps(graph, analysis: Analysis, table: sensitivity_mod.Sensitivity, sparsity: float,
+                      selected: set[int] | None, max_group_sparsity: float, round_to: int
+                      ) -> tuple[dict[int, int], dict[int, float], bool]:
+    """Channels kept per group under the sensitivity allocation (see :mod:`allocation`)."""
+    measured = table.by_id()
+    curves = {gid: measured[gid].curve() for gid in measured
+              if gid < len(analysis.groups) and analysis.groups[gid].prunable
+              and analysis.groups[gid].size == measured[gid].channels and (selected is None or gid in selected)}
+    missing = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)
+               and g.id not in curves]
+    if missing:
+        warnings.warn(PruneWarning(f"{len(missing)} prunable group(s) have no sensitivity measurement and are "
+                                   f"left unpruned (e.g. group {missing[0]})"), stacklevel=3)
+    return allocation_mod.sensitivity_keeps(analysis, curves, sparsity, allocation_mod.node_macs(graph, analysis),
+                                            max_group_sparsity, round_to)
+
+
 def _warn_custom_ops(graph, analysis: Analysis) -> None:
     """Custom-domain ops that touch channels leave their groups unpruned: say so (not an error)."""
     custom = {f"{n.name} ({n.op})" for n in graph.nodes if n.domain not in ("", "ai.onnx", None)}
@@ -220,6 +278,15 @@ def prune(
     prune nothing raises :class:`NothingToPrune` unless
     ``allow_unchanged=True``.
 
+    ``allocation="sensitivity"`` (needs ``calibration``) first measures every
+    group pruned alone at ``sensitivity_levels`` (:mod:`sensitivity`; in
+    ``workers`` local processes, default: cores bounded by memory, or as Ray
+    tasks on the cluster at ``ray_address``), then removes ``sparsity`` of the
+    MACs with the least summed distortion.  ``sensitivity`` is the path of a
+    saved analysis to reuse (read when it exists, written there otherwise).
+    ``analyse_only=True`` stops after the analysis: the result has
+    ``model=None`` and the analysis in ``result.sensitivity``.
+
     Gradient options (the ``torch`` extra): ``recover="distill"`` runs
     lstsq and then fine-tunes the pruned weights towards the original
     model's outputs for ``finetune_epochs`` epochs (at most
@@ -242,7 +309,7 @@ def prune(
         warnings.warn(PruneWarning(
             f"only {calibration_mod.sample_count(calib)} calibration sample(s): recovery and data-driven "
             f"importance need a few hundred to be reliable"), stacklevel=2)
-    if opts.validate:
+    if opts.validate and not opts.analyse_only:
         from .validate import check_provider
 
         check_provider(opts.provider)
@@ -278,11 +345,28 @@ def prune(
             ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
             given_scores = _gradients().IMPORTANCES[opts.importance](graph, original, analysis, calib, ids,
                                                                      seed=opts.seed)
+    table = None
+    if opts.allocation == "sensitivity" or opts.analyse_only:
+        with timer.stage("sensitivity"):
+            table, source = _sensitivity(original, graph, analysis, values, calib, selected, given_scores, opts,
+                                         progress)
+        if opts.analyse_only:
+            report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
+            report.timings = timer.timings
+            return PruneResult(model=None, report=report, external_data=loaded.external_data, sensitivity=table)
     with timer.stage("plan"):
         keeps = None
         if opts.allocation == "global":
             keeps = global_keeps(graph, analysis, values, opts.sparsity, opts.importance, opts.seed, selected,
                                  opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores)
+        elif opts.allocation == "sensitivity":
+            keeps, predicted, met = sensitivity_keeps(graph, analysis, table, opts.sparsity, selected,
+                                                      opts.max_group_sparsity, opts.round_to)
+            if not met:
+                warnings.warn(PruneWarning(
+                    f"sparsity {opts.sparsity:g} of the MACs cannot be removed within the measured levels "
+                    f"(largest {max(table.levels):g}) and max-group-sparsity {opts.max_group_sparsity:g}: "
+                    f"removing what they allow"), stacklevel=2)
         maps = plan_groups(analysis, values, opts.sparsity, opts.method, opts.importance, opts.seed, selected,
                            opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform", opts.round_to,
                            progress, keeps, given_scores, opts.kind_sparsity(), opts.kind_method())
@@ -332,6 +416,15 @@ def prune(
             report.groups.append(GroupRow.from_group(g, maps[g.id].keep, "pruned", maps[g.id].kept))
         else:
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
+    if table is not None:
+        for row in report.groups:
+            if row.id in keeps and row.status == "pruned":
+                row.sensitivity = {"level": round(1.0 - keeps[row.id] / row.channels_before, 4),
+                                   "distortion": predicted[row.id]}
+        report.sensitivity = {"source": source, "measure": table.measure, "samples": table.samples,
+                              "levels": table.levels, "runs": sum(len(g.points) for g in table.groups),
+                              "seconds": table.seconds, "backend": table.backend,
+                              "predicted_distortion": float(sum(predicted.values())), "budget_met": met}
     if layers:
         report.attach_recovery(layers, analysis)
     if result is not None and result.model is not None:
@@ -354,7 +447,8 @@ def prune(
             pruned, info = quantize_checked(original, fp32, calib, calibration_mod.batches, opts.provider, opts.seed)
             report.quantization = info.to_dict()
     report.timings = timer.timings
-    return PruneResult(model=pruned, report=report, external_data=loaded.external_data, fp32=fp32)
+    return PruneResult(model=pruned, report=report, external_data=loaded.external_data, fp32=fp32,
+                       sensitivity=table)
 
 
 def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int

@@ -126,6 +126,9 @@ class GroupRow:
     # Relative reconstruction error of the consumers' outputs on the calibration
     # data, before/after recovery (worst consumer); None without recovery.
     recovery_error: dict | None = None
+    # With sensitivity allocation: the level chosen (fraction of channels removed)
+    # and the distortion the analysis measured (interpolated) for it, this group alone.
+    sensitivity: dict | None = None
 
     @classmethod
     def from_group(cls, group: Group, after: int, status: str, kept=None) -> "GroupRow":
@@ -158,6 +161,7 @@ class Report:
     validation: dict | None = None
     calibration: dict | None = None  # {"samples": N} when calibration data was given
     recovery: list[dict] = field(default_factory=list)  # one row per re-solved layer
+    sensitivity: dict | None = None  # the analysis behind a sensitivity allocation (summary)
     quantization: dict | None = None  # deploy.Quantization, with --quantize
     # Whole-model output distortion on held-back calibration samples before/after recovery, and which was kept.
     recovery_model: dict | None = None
@@ -194,6 +198,7 @@ class Report:
             "timings_s": self.timings,
             "validation": self.validation,
             **({"recovery": self.recovery} if self.recovery else {}),
+            **({"sensitivity": self.sensitivity} if self.sensitivity else {}),
             **({"quantization": self.quantization} if self.quantization else {}),
             **({"recovery_model": self.recovery_model} if self.recovery_model else {}),
             **({"distill": self.distill} if self.distill else {}),
@@ -234,6 +239,8 @@ class Report:
             rec = g.recovery_error
             if rec:
                 what += f"  [recon. error {rec['before']:.3f} -> {rec['after']:.3f}]"
+            if g.sensitivity and g.status == "pruned":
+                what += f"  [level {g.sensitivity['level']:.2f}, distortion {g.sensitivity['distortion']:.3g}]"
             lines.append(f"{g.id:>5}  {g.channels_before:>5}->{g.channels_after:<5}  {g.status:<9} {what}")
         if len(self.groups) > max_rows:
             lines.append(f"  ... {len(self.groups) - max_rows} more groups (see --report JSON)")
@@ -258,6 +265,12 @@ class Report:
             lines.append(f"  distillation: held-back {d['measure']} {d['held_back_before']:.4g} -> "
                          f"{d['held_back_after']:.4g} (best of {d['epochs']} epochs: epoch {d['best_epoch']}, "
                          f"{d['seconds']:.1f}s on {d['device']})")
+        if self.sensitivity:
+            s = self.sensitivity
+            lines.append("")
+            lines.append(f"sensitivity allocation: {s['runs']} one-group runs ({s['source']}, {s['seconds']:.1f}s), "
+                         f"predicted summed {s['measure']} {s['predicted_distortion']:.3g}"
+                         + ("" if s["budget_met"] else "; MAC budget NOT reachable within the measured levels"))
         if self.validation:
             v = self.validation
             lines.append("")

@@ -45,21 +45,28 @@ class Drift:
         return asdict(self)
 
 
-def _session_options() -> ort.SessionOptions:
+def _session_options(threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # failures are reported as one-line errors, not logged
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     return opts
 
 
-def session(model: onnx.ModelProto, provider: str = "auto") -> ort.InferenceSession:
-    """An onnxruntime session on the requested provider (``auto``: CUDA if it works, else CPU)."""
+def session(model: onnx.ModelProto, provider: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime session on the requested provider (``auto``: CUDA if it works, else CPU).
+
+    ``threads`` fixes onnxruntime's intra-op threads (default: its own choice);
+    parallel callers (sensitivity workers) run one thread per process.
+    """
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider '{provider}' (choose from {', '.join(PROVIDERS)})")
     available = ort.get_available_providers()
     data = model.SerializeToString()
     if provider in ("auto", "cuda") and _CUDA in available:
         try:
-            sess = ort.InferenceSession(data, _session_options(), providers=[_CUDA, _CPU])
+            sess = ort.InferenceSession(data, _session_options(threads), providers=[_CUDA, _CPU])
             if sess.get_providers()[0] == _CUDA:
                 return sess
         except Exception as exc:  # noqa: BLE001 - a broken GPU setup falls back or is reported
@@ -69,7 +76,7 @@ def session(model: onnx.ModelProto, provider: str = "auto") -> ort.InferenceSess
         raise ProviderError(
             "--provider cuda: no usable CUDA provider here (install onnxruntime-gpu on a machine with a GPU)"
         )
-    return ort.InferenceSession(data, _session_options(), providers=[_CPU])
+    return ort.InferenceSession(data, _session_options(threads), providers=[_CPU])
 
 
 def check_provider(provider: str) -> None:
@@ -98,9 +105,10 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = VALIDATION_
     return feeds
 
 
-def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], provider: str = "auto") -> tuple[dict, str]:
+def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], provider: str = "auto",
+        threads: int | None = None) -> tuple[dict, str]:
     """Outputs of ``model`` on each feed, concatenated on the first axis, and the provider used."""
-    sess = session(model, provider)
+    sess = session(model, provider, threads)
     names = [o.name for o in sess.get_outputs()]
     runs = [sess.run(names, feed) for feed in feeds]
     outs = {n: np.concatenate([r[i] for r in runs]) if runs[0][i].ndim else runs[0][i] for i, n in enumerate(names)}
