@@ -1,0 +1,219 @@
+"""Accuracy of the trained transformer samples under head / FFN pruning, data-free and with lstsq recovery.
+
+Models (samples/transformers, see samples/README.md):
+
+* ``vit_legacy.onnx``: Vision Transformer, Fashion-MNIST (test split, 10,000 images);
+* ``textenc_legacy.onnx``: BERT-style text encoder, BBC News topics (test split, 444 articles).
+
+For each model, each pruning kind (``heads``: ``head_sparsity=S``; ``ffn``:
+``ffn_sparsity=S``; ``both``: both at ``S``; every other group kind at
+sparsity 0), each ``S`` in ``--sparsities`` and each recovery (``none``:
+data-free; ``lstsq``: least squares on ``--calibration`` unlabelled samples
+from the TRAINING split, with the tool's own held-back never-worse check),
+one ``onnx_intrafusion.prune`` run (l1 importance, default methods: heads are
+dropped, FFN neurons merged with Intra-Fusion, ``target="none"`` = exact
+counts).  Top-1 accuracy of the written model on the full test split with
+onnxruntime, MACs before/after from the report, prune wall time and the
+report's ``recovery_model`` record (whole-model distortion on held-back
+calibration samples before/after recovery, and which one was kept).
+
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py           # 24 rows, a few minutes
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py --quick   # S=0.5, 256 samples, test subsets
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py --models vit_dynamo,textenc_dynamo   # the dynamo exports
+
+Writes docs/results/transformers.json (``--quick``: transformers_quick.json)
+after every row; a rerun skips rows already in the file with the same
+settings (``--fresh`` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from datasets import calibration_arrays, load_bbc_news, load_fashion_mnist  # noqa: E402
+
+from onnx_intrafusion import prune  # noqa: E402
+from onnx_intrafusion.errors import NothingToPrune  # noqa: E402
+
+MODELS = ("vit_legacy", "textenc_legacy")
+KINDS = ("heads", "ffn", "both")
+SPARSITIES = (0.3, 0.5)
+RECOVERIES = ("none", "lstsq")
+SAMPLES = ROOT / "samples" / "transformers"
+OUT = ROOT / "docs" / "results"
+
+ort.set_default_logger_severity(3)  # ORT's graph-optimizer chatter about Unsqueeze nodes is not a finding
+
+
+def test_split(model: str, limit: int | None):
+    """``(feeds, labels)`` of the model's test split (first ``limit`` samples if given)."""
+    if model.startswith("textenc"):
+        ids, mask, y = load_bbc_news("test")
+        feeds = {"input_ids": ids, "attention_mask": mask}
+    else:
+        x, y = load_fashion_mnist("test")
+        feeds = {"input": np.ascontiguousarray(x)}
+    if limit is not None:
+        feeds, y = {k: v[:limit] for k, v in feeds.items()}, y[:limit]
+    return feeds, np.asarray(y)
+
+
+def accuracy(model: onnx.ModelProto | str, feeds: dict, y: np.ndarray, batch: int = 500) -> float:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    model = model if isinstance(model, str) else model.SerializeToString()
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    names = {i.name: i.type for i in sess.get_inputs()}
+    correct = 0
+    for start in range(0, len(y), batch):
+        chunk = {k: v[start:start + batch].astype(np.int64 if "int64" in names[k] else v.dtype)
+                 for k, v in feeds.items()}
+        correct += int((sess.run(None, chunk)[0].argmax(1) == y[start:start + batch]).sum())
+    return correct / len(y)
+
+
+def kind_options(kind: str, s: float) -> dict:
+    return {"other_sparsity": 0.0,
+            "head_sparsity": s if kind in ("heads", "both") else 0.0,
+            "ffn_sparsity": s if kind in ("ffn", "both") else 0.0}
+
+
+def group_summary(report: dict) -> dict:
+    """Per kind: channels before -> after summed over the groups, how many groups were pruned, and why
+    the groups that could not be pruned were left alone (first reason of each, as in the report)."""
+    out: dict[str, dict] = {}
+    for g in report["groups"]:
+        k = out.setdefault(g["kind"], {"groups": 0, "pruned": 0, "before": 0, "after": 0, "statuses": {}})
+        k["groups"] += 1
+        k["pruned"] += g["status"] == "pruned"
+        k["before"] += g["channels_before"]
+        k["after"] += g["channels_after"]
+        k["statuses"][g["status"]] = k["statuses"].get(g["status"], 0) + 1
+        if g["blocked"]:
+            k.setdefault("not_pruned_because", []).append(f"{g['blocked'][0]['node']}: {g['blocked'][0]['reason']}")
+    return out
+
+
+def run_row(model: str, kind: str, s: float, recover: str, calib: dict | None, test) -> dict:
+    row = {"model": model, "kind": kind, "sparsity": s, "recover": recover, **kind_options(kind, s)}
+    opts = kind_options(kind, s)
+    kwargs = dict(sparsity=opts.pop("other_sparsity"), **opts, target="none")
+    if recover != "none":
+        kwargs.update(calibration=calib, recover=recover)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = prune(str(SAMPLES / f"{model}.onnx"), **kwargs)
+    except NothingToPrune as exc:
+        row.update(status="nothing_pruned", reason=str(exc), seconds=round(time.perf_counter() - start, 2))
+        return row
+    except Exception as exc:  # a crash of the tool is a finding: keep the exact error
+        row.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(),
+                   seconds=round(time.perf_counter() - start, 2))
+        return row
+    seconds = time.perf_counter() - start
+    rep = result.report.to_dict()
+    try:
+        onnx.checker.check_model(result.model, full_check=True)
+        acc = accuracy(result.model, *test)
+    except Exception as exc:  # an invalid written model is a finding too
+        row.update(status="invalid_model", error=f"{type(exc).__name__}: {exc}", seconds=round(seconds, 2))
+        return row
+    before, after = rep["macs"]["before"], rep["macs"]["after"]
+    row.update(
+        status="ok", accuracy=acc, seconds=round(seconds, 2),
+        macs_before=before, macs_after=after,
+        mac_reduction=None if not before or after is None else 1 - after / before,
+        params_before=rep["params"]["before"], params_after=rep["params"]["after"],
+        groups=group_summary(rep), recovery_model=rep.get("recovery_model"),
+        warnings=sorted({str(w.message) for w in caught}),
+    )
+    return row
+
+
+def fmt_row(r: dict, base: float) -> str:
+    head = f"{r['model']:<15} {r['kind']:<6} {r['sparsity']:>4} {r['recover']:<6}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}: {(r.get('reason') or r.get('error', ''))[:90]}"
+    rm = r.get("recovery_model") or {}
+    kept = f"{rm['kept']} ({rm['before']:.3g}->{rm['after']:.3g})" if rm else "-"
+    return (f"{head} {100 * r['accuracy']:6.2f} {100 * (r['accuracy'] - base):+6.2f} "
+            f"{100 * r['mac_reduction']:6.1f}% {r['seconds']:7.1f}s  {kept}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="S=0.5 only, 256 calibration samples, 2,000 ViT test images")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--sparsities", default=None, help="comma-separated (default 0.3,0.5)")
+    ap.add_argument("--calibration", type=int, default=None, help="calibration samples (default 1024)")
+    ap.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
+    args = ap.parse_args(argv)
+
+    sparsities = (tuple(float(s) for s in args.sparsities.split(",")) if args.sparsities
+                  else (0.5,) if args.quick else SPARSITIES)
+    n_calib = args.calibration or (256 if args.quick else 1024)
+    limit = 2000 if args.quick else None
+    out = OUT / ("transformers_quick.json" if args.quick else "transformers.json")
+    settings = {"calibration_samples": n_calib, "calibration_split": "train", "test_limit": limit,
+                "importance": "l1", "target": "none", "threads": 1,
+                "methods": {"head": "prune (default --head-method)", "ffn": "intrafusion (default --method)"}}
+    data = {"settings": settings, "baseline": {}, "rows": []}
+    if out.exists() and not args.fresh:
+        old = json.loads(out.read_text())
+        if old.get("settings") == settings:
+            data = old
+    done = {(r["model"], r["kind"], r["sparsity"], r["recover"]) for r in data["rows"]}
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1) + "\n")
+
+    print(f"{'model':<15} {'kind':<6} {'S':>4} {'recov':<6} {'acc%':>6} {'d pts':>6} {'MACs-':>7} {'prune':>8}  "
+          f"recovery_model kept (held-back distortion before->after)")
+    for model in args.models.split(","):
+        test = test_split(model, limit)
+        if model not in data["baseline"]:
+            data["baseline"][model] = {"accuracy": accuracy(str(SAMPLES / f"{model}.onnx"), *test),
+                                       "test_samples": int(len(test[1]))}
+            save()
+        base = data["baseline"][model]["accuracy"]
+        print(f"{model:<15} {'-':<6} {0:>4} {'-':<6} {100 * base:6.2f}  (unpruned, {len(test[1])} test samples)")
+        calib = None
+        for kind in KINDS:
+            for s in sparsities:
+                for recover in RECOVERIES:
+                    key = (model, kind, s, recover)
+                    if key in done:
+                        row = next(r for r in data["rows"] if (r["model"], r["kind"], r["sparsity"], r["recover"]) == key)
+                    else:
+                        if recover != "none" and calib is None:
+                            calib = calibration_arrays(model, n_calib, split="train")
+                        row = run_row(model, kind, s, recover, calib, test)
+                        data["rows"].append(row)
+                        save()
+                    print(fmt_row(row, base), flush=True)
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
