@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         from .model_io import quiet_graphsurgeon
 
         quiet_graphsurgeon().__enter__()  # for the whole process: library chatter only with --debug
+        from .validate import quiet_runtime_logs
+
+        quiet_runtime_logs()
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread (e.g. called from a worker): leave signals alone

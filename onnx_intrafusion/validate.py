@@ -45,6 +45,14 @@ class Drift:
         return asdict(self)
 
 
+def quiet_runtime_logs() -> None:
+    """Keep onnxruntime's own log lines (optimizer notes such as "UnsqueezeElimination cannot remove
+    node") off the user's terminal: some graph transformers log through the process-wide default
+    logger, which per-session ``log_severity_level`` does not reach.  Called by the command line
+    (not on import: a library user's process keeps its own logging settings)."""
+    ort.set_default_logger_severity(3)
+
+
 def _session_options(threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # failures are reported as one-line errors, not logged

@@ -249,3 +249,13 @@ def test_data_free_run_never_imports_torch():
 def test_nothing_to_prune_is_its_own_error():
     with pytest.raises(NothingToPrune, match="round-to=1000"):
         prune(sample("vgg_legacy.onnx"), round_to=1000, validate=False)
+
+
+def test_no_library_chatter_on_a_transformer_export(tmp_path):
+    """onnx-graphsurgeon's fold warnings and onnxruntime's optimizer notes never reach a --quiet run."""
+    vit = ROOT / "samples" / "transformers" / "vit_legacy.onnx"
+    proc = cli(vit, tmp_path / "v.onnx", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+    loud = cli(vit, tmp_path / "w.onnx")
+    assert "onnxruntime" not in loud.stdout and "[W" not in loud.stdout + loud.stderr
