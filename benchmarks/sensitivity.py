@@ -104,7 +104,7 @@ def accuracy_part(args) -> list[dict]:
                            predicted=(rep.sensitivity or {}).get("predicted_distortion"),
                            budget_met=(rep.sensitivity or {}).get("budget_met"))
                 rows.append(row)
-                print(f"  {budget:.0f}x {allocation:<11} acc {100 * row['accuracy']:6.2f}%  MACs "
+                print(f"  {budget:g}x {allocation:<11} acc {100 * row['accuracy']:6.2f}%  MACs "
                       f"{rep.macs_before / max(rep.macs_after, 1):.2f}x fewer  ({row['seconds']}s)", flush=True)
         if args.plot:
             table.plot(Path(args.plot_dir) / f"sensitivity_{name}.png")
@@ -148,7 +148,7 @@ def print_table(result: dict) -> None:
                 accs = " | ".join(f"{100 * cell[a]['accuracy']:.2f}%" if a in cell else "-"
                                   for a in ("uniform", "global", "sensitivity"))
                 an = cell.get("sensitivity", {}).get("analysis_seconds")
-                print(f"| {name} | {budget:.0f}x | {100 * any_row['baseline']:.2f}% | {accs} | "
+                print(f"| {name} | {budget:g}x | {100 * any_row['baseline']:.2f}% | {accs} | "
                       f"{'-' if an is None else f'{an:.0f}s'} |")
     for r in result.get("time", []):
         print(f"resnet50 analysis workers={r['workers']}: {r['analysis_seconds']:.0f}s "
