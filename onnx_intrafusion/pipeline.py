@@ -89,7 +89,7 @@ def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], spars
                  max_group_sparsity: float = 0.9, round_to: int = 1,
                  given_scores: dict[int, np.ndarray] | None = None) -> dict[int, int]:
     """Channels kept per group under global allocation (see :mod:`allocation`)."""
-    todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    todo = analysis.prunable(selected)
     scores = {g.id: _scores(g, _group_rows(g, values)[0], importance, seed, given_scores) for g in todo}
     macs = allocation_mod.node_macs(graph, analysis) if target == "macs" else None
     return allocation_mod.global_keeps(analysis, scores, sparsity, macs, target, max_group_sparsity, round_to)
@@ -113,7 +113,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     """
     progress = as_progress(progress)
     maps = {}
-    todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    todo = analysis.prunable(selected)
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
@@ -187,8 +187,7 @@ def sensitivity_keeps(graph, analysis: Analysis, table: sensitivity_mod.Sensitiv
     curves = {gid: measured[gid].curve() for gid in measured
               if gid < len(analysis.groups) and analysis.groups[gid].prunable
               and analysis.groups[gid].size == measured[gid].channels and (selected is None or gid in selected)}
-    missing = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)
-               and g.id not in curves]
+    missing = [g.id for g in analysis.prunable(selected) if g.id not in curves]
     if missing:
         warnings.warn(PruneWarning(f"{len(missing)} prunable group(s) have no sensitivity measurement and are "
                                    f"left unpruned (e.g. group {missing[0]})"), stacklevel=3)
@@ -338,11 +337,11 @@ def prune(
         from .activations import activation_scores
 
         with timer.stage("activations"):
-            ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+            ids = [g.id for g in analysis.prunable(selected)]
             given_scores = activation_scores(original, graph, analysis, feeds, ids)
     elif opts.importance in GRADIENT_IMPORTANCES:
         with timer.stage(opts.importance):
-            ids = [g.id for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+            ids = [g.id for g in analysis.prunable(selected)]
             given_scores = _gradients().IMPORTANCES[opts.importance](graph, original, analysis, calib, ids,
                                                                      seed=opts.seed)
     table = None
@@ -503,7 +502,7 @@ def _selected_groups(analysis: Analysis, groups: tuple[int, ...] | None) -> set[
 
 
 def _nothing_pruned_reason(analysis: Analysis, selected: set[int] | None, opts: Options) -> str:
-    todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    todo = analysis.prunable(selected)
     if not todo:
         why = "none of the selected groups can be pruned"
     elif opts.sparsity == 0:

@@ -420,7 +420,7 @@ def analyse(original: onnx.ModelProto, graph: gs.Graph, analysis: Analysis, plan
     progress = as_progress(progress)
     levels = check_levels(levels)
     selected = None if group_ids is None else set(group_ids)
-    todo = [g for g in analysis.groups if g.prunable and (selected is None or g.id in selected)]
+    todo = analysis.prunable(selected)
     fit, held = calibration_mod.split_holdback(arrays, seed=seed)
     fit_feeds, held_feeds = calibration_mod.batches(fit, original), calibration_mod.batches(held, original)
     from .validate import run as ort_run

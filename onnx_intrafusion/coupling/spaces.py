@@ -123,6 +123,10 @@ class Analysis:
     def group_of(self, space: int) -> Group:
         return self.groups[self.space_group[space]]
 
+    def prunable(self, selected=None) -> list[Group]:
+        """The groups a run may prune: prunable ones, restricted to the ``selected`` ids when given."""
+        return [g for g in self.groups if g.prunable and (selected is None or g.id in selected)]
+
 
 class Spaces:
     """Union-find of channel spaces: size, origin, members and blocked reasons per class.
