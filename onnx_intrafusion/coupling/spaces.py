@@ -16,6 +16,8 @@ from typing import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..model_io import constant_values
+
 PRODUCER = "producer"  # weights whose output axis creates the channels (averaged)
 CONSUMER = "consumer"  # weights whose input axis reads the channels (summed)
 PARAM = "param"  # per-channel parameters along the channels (averaged)
@@ -402,13 +404,13 @@ class Context(Members):
     @staticmethod
     def const(tensor: gs.Tensor) -> np.ndarray | None:
         if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
+            return constant_values(tensor)  # not cached in the graph: the loaded model keeps the one copy
         return None
 
     @staticmethod
     def shape(tensor: gs.Tensor) -> list | None:
         if isinstance(tensor, gs.Constant):
-            return list(tensor.values.shape)
+            return list(tensor.shape)
         if tensor.shape is None:
             return None
         return [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else None) for d in tensor.shape]
