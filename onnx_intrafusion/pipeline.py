@@ -380,7 +380,7 @@ def prune(
         try:
             # = check_model(full_check=True), whose strict shape inference
             # runs on a weightless copy (seconds faster on big models).
-            if pruned.ByteSize() < 2**31 - 1:
+            if model_io.byte_size(pruned) < 2**31 - 1:
                 onnx.checker.check_model(pruned)
             onnx.shape_inference.infer_shapes(model_io.weightless(pruned), check_type=True, strict_mode=True)
         except Exception as exc:  # noqa: BLE001
@@ -401,7 +401,7 @@ def prune(
             with timer.stage("distill"):  # on the same split of the calibration samples
                 distilled = _distill(graph, original, calib, opts, progress)
         pruned = model_io.to_model(graph, original)
-        if pruned.ByteSize() < 2**31 - 1:
+        if model_io.byte_size(pruned) < 2**31 - 1:
             onnx.checker.check_model(pruned, full_check=True)
 
     report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
