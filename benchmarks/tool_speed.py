@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-STAGES = ("load", "groups", "plan", "rewrite", "stats", "validate")
+STAGES = ("load", "groups", "reference", "plan", "rewrite", "stats", "validate")
 THREADS = 2
 TP_MODEL = "tv_resnet50"
 DEFAULT_TP_PYTHON = "/work/tv-venv/bin/python"

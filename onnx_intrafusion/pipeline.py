@@ -332,6 +332,16 @@ def prune(
         detail = f"; reasons: {'; '.join(reasons[:3])}" if reasons else ""
         raise NothingToPrune(f"no channel group can be pruned safely ({len(analysis.groups)} groups found{detail})")
     selected = _selected_groups(analysis, opts.groups)
+    reference = None
+    if opts.validate and not opts.analyse_only:
+        from .validate import reference as run_reference
+
+        with timer.stage("reference"):
+            # The original's outputs now, while memory holds little but the loaded model
+            # (the graph reads its weights lazily): onnxruntime's session needs ~2.5x the
+            # model while it optimises.  It reads the input file itself when there is one.
+            real = None if calib is None else _validation_feeds(calib, original, opts.seed)
+            reference = run_reference(original, opts.provider, opts.seed, feeds=real, original_file=loaded.path)
     given_scores = None
     if opts.importance == "activation":
         from .activations import activation_scores
@@ -436,14 +446,12 @@ def prune(
         from .validate import compare
 
         with timer.stage("validate"):
-            real = None if calib is None else _validation_feeds(calib, original, opts.seed)
-            original_file = None
-            if loaded.path is not None and opts.recover == "none" and opts.quantize == "none":
-                # onnxruntime reads the input file itself; the loaded weights (only the
-                # graph, deleted above, read them) are freed before its session starts.
-                original_file, original, loaded.model = loaded.path, model_io.weightless(original), None
-            report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real,
-                                        original_file=original_file).to_dict()
+            if opts.quantize == "none":
+                # Only the inputs of the original are read from here on: its weights go
+                # before the pruned model's session starts (the graph that read them is gone
+                # unless recovery ran).
+                original, loaded.model = model_io.weightless(original), None
+            report.validation = compare(original, pruned, opts.provider, ref=reference).to_dict()
     fp32 = None
     if opts.quantize == "int8":
         from .deploy import quantize_checked

@@ -138,16 +138,25 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb))
 
 
-def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "auto", seed: int = 0,
-            samples: int = VALIDATION_SAMPLES, feeds: list[dict[str, np.ndarray]] | None = None,
-            original_file: str | os.PathLike | None = None) -> Drift:
-    """Run both models on the same inputs; raise if the pruned one is unusable.
+@dataclass
+class Reference:
+    """The original model's outputs on the validation inputs."""
 
-    ``feeds`` are real inputs (held-back calibration samples); without them,
-    random inputs are used and top-1 agreement is not reported, because on
-    random inputs it measures nothing a user cares about.  ``original_file``,
-    the file ``original`` was loaded from, is then what onnxruntime runs:
-    ``original`` is only read for its inputs and may be a weightless copy.
+    feeds: list[dict[str, np.ndarray]]
+    outputs: dict[str, np.ndarray]
+    real: bool  # the feeds are held-back calibration samples, not random inputs
+
+
+def reference(original: onnx.ModelProto, provider: str = "auto", seed: int = 0,
+              samples: int = VALIDATION_SAMPLES, feeds: list[dict[str, np.ndarray]] | None = None,
+              original_file: str | os.PathLike | None = None) -> Reference:
+    """Run the original model on the validation inputs (see :func:`compare`).
+
+    The pipeline calls this before planning, while memory holds little but
+    the loaded model: onnxruntime's session for a large model needs about
+    2.5x its size while it optimises the graph.  ``original_file``, the file
+    ``original`` was loaded from, is what onnxruntime then runs (no
+    serialised copy; ``original`` is only read for its inputs).
     """
     real = bool(feeds)
     if not real:
@@ -163,6 +172,25 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = 
             "cannot validate: the input model itself does not run in onnxruntime "
             f"({' '.join(str(exc).split())[:200]}); rerun with --no-validate to skip validation"
         ) from None
+    return Reference(feeds, ref, real)
+
+
+def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "auto", seed: int = 0,
+            samples: int = VALIDATION_SAMPLES, feeds: list[dict[str, np.ndarray]] | None = None,
+            original_file: str | os.PathLike | None = None, ref: Reference | None = None) -> Drift:
+    """Run both models on the same inputs; raise if the pruned one is unusable.
+
+    ``feeds`` are real inputs (held-back calibration samples); without them,
+    random inputs are used and top-1 agreement is not reported, because on
+    random inputs it measures nothing a user cares about.  ``ref``, the
+    original's outputs computed earlier by :func:`reference`, replaces
+    running ``original`` here (``seed``, ``samples``, ``feeds`` and
+    ``original_file`` are then unused).
+    """
+    if ref is None:
+        ref = reference(original, provider, seed, samples, feeds, original_file)
+    feeds, real = ref.feeds, ref.real
+    ref = ref.outputs
     try:
         out, used = run(pruned, feeds, provider)
     except ProviderError:
