@@ -6,7 +6,8 @@ Fresh processes per model and method, all with 2 threads:
    timings); wall time, CPU time (user+sys) and peak RSS come from
    ``os.wait4`` on that process alone;
 2. a probe that does what ``cli.main`` does (preload POT and the compiled
-   cost kernel, ``prune`` with a progress callback, ``save_model``) and
+   cost kernel, ``prune`` with the command line's options and a progress
+   callback, ``save_model``) and
    records the CPU time of every stage and the peak RSS reached by its end
    (``ru_maxrss``), and the RSS after the imports alone (onnxruntime, onnx,
    SciPy, POT, numba: memory no pruning change removes);
@@ -196,6 +197,7 @@ def probe(src: str, out: str, sparsity: str, method: str) -> None:
 
     t0 = time.perf_counter()
     marks: list[tuple[str, float, float, int]] = []
+    from onnx_intrafusion.cli import build_parser, options_from_args
     from onnx_intrafusion.model_io import save_model
     from onnx_intrafusion.pipeline import prune
     from onnx_intrafusion.plans import _l1_kernel, preload_pot
@@ -210,7 +212,10 @@ def probe(src: str, out: str, sparsity: str, method: str) -> None:
         if msg.endswith(" ..."):
             marks.append((msg[:-4], time.perf_counter() - t0, time.process_time(), peak()))
 
-    result = prune(src, sparsity=float(sparsity), method=method, provider="cpu", progress=progress)
+    # The command line's options (its defaults differ from the library's, e.g. --target auto).
+    options = options_from_args(build_parser().parse_args(
+        [src, out, "--sparsity", sparsity, "--method", method, "--provider", "cpu"]))
+    result = prune(src, options=options, progress=progress)
     marks.append(("save", time.perf_counter() - t0, time.process_time(), peak()))
     save_model(result.model, out)
     marks.append(("end", time.perf_counter() - t0, time.process_time(), peak()))
@@ -229,6 +234,8 @@ def mb(n: float) -> str:
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--probe":
+        # benchmarks/ off the path: its coverage.py would shadow the module numba imports.
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
         probe(*sys.argv[2:6])
         return 0
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--tp-child":

@@ -277,7 +277,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 
     The weights are not copied: constants the model stores as initializers
     stay :class:`gs.LazyValues` that read ``model``'s tensors on demand (see
-    :func:`weight_values`), so ``model`` must stay alive and unchanged while
+    :func:`constant_values`), so ``model`` must stay alive and unchanged while
     the graph is used.  Shapes are inferred on data-free copies.
     """
     graph = _import_inferred(model)
