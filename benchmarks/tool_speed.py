@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         tp_child(*sys.argv[2:4])
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=[TP_MODEL, "mobilenetv2", "resnet_legacy", "vgg_legacy"])
+    p.add_argument("--models", nargs="+", default=[TP_MODEL, "mobilenetv2", "resnet_legacy"])
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--methods", nargs="+", default=["intrafusion", "prune"])
     p.add_argument("--repeats", type=int, default=3, help="runs per model, method and tool (median)")
