@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of the attention heads removed in every attention (default --sparsity)")
     kinds.add_argument("--ffn-sparsity", type=float, default=None, metavar="S",
                        help="fraction of the neurons removed in every per-token MLP/FFN (default --sparsity)")
+    kinds.add_argument("--hidden-sparsity", type=float, default=None, metavar="S",
+                       help="fraction of the residual width (hidden size) removed; needs --calibration "
+                       "(default: see docs/transformers.md)")
     kinds.add_argument("--head-method", choices=METHODS, default=None,
                        help="how removed heads are handled: prune = dropped (default, measured better), "
                        "intrafusion = merged into kept heads")

@@ -58,6 +58,8 @@ class Options:
     # Per group kind (see coupling.KINDS), with uniform allocation: overrides of sparsity and method
     head_sparsity: float | None = None
     ffn_sparsity: float | None = None
+    # The residual width (kind "hidden"): needs calibration data.  Default: see resolve().
+    hidden_sparsity: float | None = None
     head_method: str | None = None  # default "prune": merging heads measured worse (docs/results/attention_heads.json)
     importance: str = "l1"
     seed: int = 0
@@ -119,12 +121,16 @@ class Options:
         _choice(self.target, "target", DEPLOY_TARGETS)
         _choice(self.quantize, "quantization", QUANTIZATIONS)
         _choice(self.allocation, "allocation", ALLOCATIONS)
-        for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity)):
+        for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity),
+                            ("hidden-sparsity", self.hidden_sparsity)):
             if value is not None:
                 _number(value, name, 0.0, 1.0, high_open=True)
                 if self.allocation == "global":
                     raise UsageError(f"--{name} only applies to uniform allocation (--global ranks every kind "
                                      f"of group together under one --sparsity)")
+        if self.hidden_sparsity is not None and self.hidden_sparsity != 0 and not has_calibration:
+            raise UsageError("--hidden-sparsity needs calibration data (--calibration FILE.npz): a LayerNorm over "
+                             "the hidden size changes its statistics, which only the least-squares re-fit repairs")
         if self.head_method is not None:
             _choice(self.head_method, "head method", METHODS)
         if self.provider not in PROVIDERS:  # the provider's own error class (exit 7), as validate raises it
@@ -215,6 +221,7 @@ class Options:
             sparsity=float(self.sparsity),
             head_sparsity=None if self.head_sparsity is None else float(self.head_sparsity),
             ffn_sparsity=None if self.ffn_sparsity is None else float(self.ffn_sparsity),
+            hidden_sparsity=None if self.hidden_sparsity is None else float(self.hidden_sparsity),
             head_method=self.head_method or "prune",
             groups=None if self.groups is None else tuple(sorted({int(g) for g in self.groups})),
             ot_reg=(0.0 if self.ot_reg is None else float(self.ot_reg)) if fusion else None,
@@ -236,7 +243,7 @@ class Options:
 
     def kind_sparsity(self) -> dict[str, float]:
         """Sparsity per group kind that differs from ``sparsity`` (resolved options)."""
-        given = {"head": self.head_sparsity, "ffn": self.ffn_sparsity}
+        given = {"head": self.head_sparsity, "ffn": self.ffn_sparsity, "hidden": self.hidden_sparsity}
         return {kind: s for kind, s in given.items() if s is not None}
 
     def kind_method(self) -> dict[str, str]:

@@ -324,6 +324,8 @@ def prune(
         graph = model_io.to_graph(original)
     with timer.stage("groups"):
         analysis = coupling.analyse(graph)
+        if calib is not None:
+            analysis.lift_data_blocks()  # e.g. the hidden size under LayerNorm: recovery re-fits its readers
         values = {name: np.asarray(t.values) for name, t in graph.tensors().items()
                   if name in {m.constant for g in analysis.groups for m in g.members}}
     _warn_custom_ops(graph, analysis)

@@ -28,10 +28,10 @@ from . import attention, concat, elementwise, linear, normalisation, shape  # no
 from .attention import FUSED_REASON
 from .rules import DOMAIN_RULES, RULES, Rule, rule
 from .shape import DYNAMIC, SPLIT_REASON, check_stored_entries
-from .spaces import (CONSUMER, FOLDED_OK, KINDS, OUTPUT_REASON, PARAM, PRODUCER, Analysis, AxisFix, ChannelAxis, Context,
-                     Group, Member, Segment, channel_rows)
+from .spaces import (CONSUMER, DATA_REASONS, FOLDED_OK, KINDS, NEEDS_CALIBRATION, OUTPUT_REASON, PARAM, PRODUCER,
+                     Analysis, AxisFix, ChannelAxis, Context, Group, Member, Segment, channel_rows)
 
-__all__ = ["CONSUMER", "DOMAIN_RULES", "DYNAMIC", "FUSED_REASON", "KINDS", "OUTPUT_REASON", "PARAM", "PRODUCER", "RULES", "SPLIT_REASON", "Analysis", "AxisFix",
+__all__ = ["CONSUMER", "DATA_REASONS", "NEEDS_CALIBRATION", "DOMAIN_RULES", "DYNAMIC", "FUSED_REASON", "KINDS", "OUTPUT_REASON", "PARAM", "PRODUCER", "RULES", "SPLIT_REASON", "Analysis", "AxisFix",
            "ChannelAxis", "Context", "Group", "MAX_PASSES", "Member", "Rule", "Segment", "analyse", "channel_rows",
            "rule"]
 
@@ -166,6 +166,6 @@ def _collect(ctx: Context) -> Analysis:
         found = kinds[g.id]
         g.kind = next((k for k in ("head", "hidden") if k in found), "ffn" if found == {"ffn"} else "channel")
     for g in groups:
-        if not any(m.role == PRODUCER for m in g.members) and not g.blocked:
+        if not any(m.role == PRODUCER for m in g.members) and all(r in DATA_REASONS for _, r in g.blocked):
             g.blocked.append((g.origin, "no producer weight to edit"))
     return Analysis(groups=groups, axes=dict(ctx.axes), fixes=list(ctx.fixes), space_group=space_group)

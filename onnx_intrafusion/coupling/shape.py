@@ -28,7 +28,7 @@ def _pool(ctx: Context, node: gs.Node):
     return [0]
 
 
-@rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+@rule("ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
       "ReduceProd", "ReduceSumSquare")
 def _reduce(ctx: Context, node: gs.Node):
     ax = ctx.axis_of(node.inputs[0])
@@ -254,6 +254,8 @@ def fix_entry(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, j: int
     if entries is None:
         ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
         return True
+    if j < len(entries) and isinstance(entries[j], tuple):
+        return True  # the input's own channel count, read at run time (_resolve_target): follows by itself
     source = getattr(entries[j], "source", None) if j < len(entries) else None
     if source is None or source[0] is None:
         ctx.block(ax, node, "channel count is hard-coded in a computed Reshape target")
@@ -353,9 +355,13 @@ def _resolve_target(ctx: Context, entries: list, x: gs.Tensor, ishape: list) -> 
         if isinstance(e, tuple):
             t, d = e
             ax = ctx.axis_of(t)
-            if ax is not None and ax.axis == d:
-                return None  # reads a channel count
             shp = ctx.shape(t)
+            if ax is not None and ax.axis == d:
+                if t is not x or i != d or shp is None:
+                    return None  # reads a channel count
+                tval.append(shp[d])  # x's own count at the same axis (see _own_count): no fix needed
+                oshape.append(shp[d])
+                continue
             tval.append(DYNAMIC)
             oshape.append(shp[d] if shp is not None and d < len(shp) else None)
         else:
@@ -398,11 +404,22 @@ def _shape(ctx: Context, node: gs.Node):
 def shape_read(ctx: Context, node: gs.Node, picked: list[int] | None) -> None:
     """A Gather/Slice of a Shape output: reading the channel count blocks the channels."""
     pos, ax = ctx.shape_vec[node.inputs[0].name]
-    if picked is None or pos in picked:
+    if (picked is None or pos in picked) and not _own_count(node):
         ctx.block(ax, node, "the channel count is read at run time (Shape)")
 
 
-@rule("Gather")
+def _own_count(node: gs.Node) -> bool:
+    """The shape read by ``node`` only builds Reshape targets of the tensor it was read from.
+
+    ``x.flatten(2)`` in a legacy export: ``Reshape(x, Concat(Shape(x)[:2], [-1]))``.
+    The count then follows the pruned width at run time; the Reshape checks
+    that it lands on the same axis (:func:`_resolve_target`).
+    """
+    src = node.inputs[0].inputs[0].inputs[0]
+    readers = _target_readers(node)
+    return bool(readers) and readers <= {r.name for r in src.outputs if r.op == "Reshape" and r.inputs[0] is src}
+
+
 def _gather(ctx: Context, node: gs.Node):
     data, idx = node.inputs[0], node.inputs[1]
     ival = ctx.const(idx)
