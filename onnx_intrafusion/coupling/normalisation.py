@@ -71,8 +71,9 @@ def _layernorm(ctx: Context, node: gs.Node):
         ctx.mark(ax, "hidden")
         ctx.block(ax, node, f"{node.op} normalises over the channel axis (pruning would change its statistics)")
         return [0]
+    handled = _scaled(ctx, node, (0,))
     _hidden(ctx, ax, node)
-    return _scaled(ctx, node, (0,))
+    return handled
 
 
 def _scaled(ctx: Context, node: gs.Node, outputs: tuple[int, ...]) -> list[int]:
@@ -96,6 +97,9 @@ def _skip_layernorm(ctx: Context, node: gs.Node):
     Outputs: the normalised sum, mean and inverse std (blocked when used), and
     the sum itself (carries the channels like a residual Add).
     """
+    for i in (0, 3):  # ONNX shape inference does not know com.microsoft ops: these have the input's shape
+        if i < len(node.outputs) and node.outputs[i].shape is None and node.inputs[0].shape is not None:
+            node.outputs[i].shape = list(node.inputs[0].shape)
     axes = [ctx.axis_of(t) for t in node.inputs[:2]]
     if all(a is None for a in axes):
         return []
@@ -110,9 +114,9 @@ def _skip_layernorm(ctx: Context, node: gs.Node):
         for a in tracked:
             ctx.block(a, node, f"{node.op} over a non-channel axis or with computed parameters")
         return [0, 1]
-    for a in tracked:
-        _hidden(ctx, a, node)
-    return _scaled(ctx, node, (0, 3))
+    handled = _scaled(ctx, node, (0, 3))  # unites input and skip
+    _hidden(ctx, tracked[0], node)
+    return handled
 
 
 #: Ops between a ReduceMean over the channels and the op that applies the statistic to the channels.
