@@ -51,6 +51,10 @@ class Options:
     is ``"none"`` here (exact channel counts, the same on every machine, which
     API users and tests rely on) and ``auto`` on the command line (a channel
     multiple that the machine's runtime is fast with; see :mod:`deploy`).
+
+    The hidden size (``hidden_sparsity``) is the one kind that does not
+    default to ``sparsity``: it needs calibration data, and at equal MACs it
+    was not reliably better than heads + FFN alone, so it is 0 unless given.
     """
 
     sparsity: float = 0.5
@@ -59,8 +63,8 @@ class Options:
     head_sparsity: float | None = None
     ffn_sparsity: float | None = None
     # The residual width (kind "hidden", needs calibration data).  Default 0 = off: at equal MACs with
-    # lstsq, adding it helped the Fashion-MNIST ViT at 50% fewer MACs (+1.0 point) but not at 30% (-0.2)
-    # and cost the text encoder 0.2-0.5 points (docs/results/transformers_hidden.json).
+    # lstsq, adding it to heads + FFN helped the Fashion-MNIST ViT at 50% fewer MACs (+1.3 points) but
+    # not at 30% (-0.2) and cost the text encoder 0.2-1.1 points (docs/results/transformers_hidden.json).
     hidden_sparsity: float | None = None
     head_method: str | None = None  # default "prune": merging heads measured worse (docs/results/attention_heads.json)
     hidden_method: str | None = None  # default "prune": merging measured worse with lstsq (transformers_hidden.json)
