@@ -165,6 +165,15 @@ def fmt_row(r: dict, base: float) -> str:
             f"{100 * r['mac_reduction']:6.1f}% {r['seconds']:7.1f}s  {kept}")
 
 
+def load_results(out: Path, settings: dict, fresh: bool) -> dict:
+    """The rows already in ``out`` when they were measured with the same ``settings`` (a rerun resumes)."""
+    if out.exists() and not fresh:
+        old = json.loads(out.read_text())
+        if old.get("settings") == settings:
+            return old
+    return {"settings": settings, "baseline": {}, "rows": []}
+
+
 #: Hidden-size mode: which kinds are pruned at a common S, that S chosen so that the MACs fall by the target.
 HIDDEN_CONFIGS = {"heads+ffn": ("head_sparsity", "ffn_sparsity"),
                   "heads+ffn+hidden": ("head_sparsity", "ffn_sparsity", "hidden_sparsity"),
@@ -200,11 +209,7 @@ def hidden_main(args) -> int:
     settings = {"calibration_samples": n_calib, "calibration_split": "train", "importance": "l1",
                 "target": "none", "threads": 1, "recover": "lstsq", "mac_targets": list(MAC_TARGETS),
                 "methods": {"head": "prune (default)", "ffn": "intrafusion (default)", "hidden": "per row"}}
-    data = {"settings": settings, "baseline": {}, "rows": []}
-    if out.exists() and not args.fresh:
-        old = json.loads(out.read_text())
-        if old.get("settings") == settings:
-            data = old
+    data = load_results(out, settings, args.fresh)
     done = {(r["model"], r["kind"], r["mac_target"], r["method"]) for r in data["rows"]}
     models = args.models.split(",")
     print(f"{'model':<15} {'pruned':<17} {'MACs-':>6} {'S':>6} {'method':<11} {'acc%':>6} {'d pts':>6} {'prune':>7}"
@@ -270,11 +275,7 @@ def main(argv=None) -> int:
     settings = {"calibration_samples": n_calib, "calibration_split": "train", "test_limit": limit,
                 "importance": "l1", "target": "none", "threads": 1,
                 "methods": {"head": "prune (default --head-method)", "ffn": "intrafusion (default --method)"}}
-    data = {"settings": settings, "baseline": {}, "rows": []}
-    if out.exists() and not args.fresh:
-        old = json.loads(out.read_text())
-        if old.get("settings") == settings:
-            data = old
+    data = load_results(out, settings, args.fresh)
     done = {(r["model"], r["kind"], r["sparsity"], r["recover"]) for r in data["rows"]}
 
     def save():

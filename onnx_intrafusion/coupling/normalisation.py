@@ -42,6 +42,14 @@ def _hidden(ctx: Context, ax: ChannelAxis, node: gs.Node) -> None:
     ctx.block(ax, node, NEEDS_CALIBRATION)
 
 
+def _ranked_input(ctx: Context, node: gs.Node) -> tuple[ChannelAxis, int] | None:
+    """(channel axis, rank) of the input; None when it carries no channels or (blocked) has no known rank."""
+    ax, rank = ctx.axis_of(node.inputs[0]), ctx.rank(node.inputs[0])
+    if ax is not None and rank is None:
+        ctx.block(ax, node, f"{node.op} of unknown rank")
+    return None if ax is None or rank is None else (ax, rank)
+
+
 def _stats_used(node: gs.Node, outputs) -> bool:
     return any(i < len(node.outputs) and node.outputs[i].outputs for i in outputs)
 
@@ -52,13 +60,10 @@ def _layernorm(ctx: Context, node: gs.Node):
 
     Normalised over [channel axis, ...more axes] (GroupNorm(1)-style) stays blocked.
     """
-    ax = ctx.axis_of(node.inputs[0])
-    rank = ctx.rank(node.inputs[0])
-    if ax is None:
+    got = _ranked_input(ctx, node)
+    if got is None:
         return [0]
-    if rank is None:
-        ctx.block(ax, node, f"{node.op} of unknown rank")
-        return [0]
+    ax, rank = got
     start = norm_axis(int(attr(node, "axis", -1)), rank)
     if _stats_used(node, (1, 2)):
         ctx.block(ax, node, f"{node.op} statistics outputs are used")
@@ -171,13 +176,10 @@ def _normalise(ctx: Context, node: gs.Node):
     LRN), removing a channel changes every other channel's statistics, so the
     group is left unpruned with that reason.
     """
-    ax = ctx.axis_of(node.inputs[0])
-    rank = ctx.rank(node.inputs[0])
-    if ax is None:
+    got = _ranked_input(ctx, node)
+    if got is None:
         return [0]
-    if rank is None:
-        ctx.block(ax, node, f"{node.op} of unknown rank")
-        return [0]
+    ax, rank = got
     if node.op in ("Softmax", "LogSoftmax", "Hardmax", "LpNormalization"):
         default = -1 if node.op == "LpNormalization" or opset(ctx) >= 13 else 1
         axis = norm_axis(int(attr(node, "axis", default)), rank)
