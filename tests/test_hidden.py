@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import ROOT, SAMPLES, assert_valid, io_signature, run
 from test_cli import cli
 
-from onnx_intrafusion import coupling, prune
+from onnx_intrafusion import coupling, model_io, prune
 
 C, F, T, K, VOCAB, D_IN = 16, 24, 5, 3, 30, 6
 DEAD = [1, 6, 11, 14]
@@ -170,7 +170,7 @@ def test_decomposed_reduce_mean_elsewhere_still_blocks():
     g = model.graph
     g.node.append(helper.make_node("ReduceMean", ["h0"], ["pooled"], axes=[-1]))
     g.output.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", T, 1]))
-    analysis = coupling.analyse(__import__("onnx_intrafusion").model_io.to_graph(model))
+    analysis = coupling.analyse(model_io.to_graph(model))
     (group,) = [grp for grp in analysis.groups if grp.kind == "hidden"]
     assert "reduces over the channel axis" in {r for _, r in group.blocked}
     assert not group.needs_data
@@ -231,3 +231,45 @@ def test_hidden_sparsity_without_calibration_is_a_usage_error(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "--calibration" in lines[0] and "hidden-sparsity" in lines[0]
     assert not out.exists()
+
+
+def _flatten_model(count_last: bool) -> onnx.ModelProto:
+    """Conv -> Reshape(x, target from Shape(x)[:2] = [batch, C]) -> Transpose -> MatMul.
+
+    ``[batch, C, -1]`` is a legacy ``flatten(2)``; ``count_last``: ``[-1, batch, C]`` puts the count on
+    another axis than the channels' (an odd reshape, whose channel count would then be stale).
+    """
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 2, 2)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "head"),
+             numpy_helper.from_array(np.array([0], np.int64), "s0"),
+             numpy_helper.from_array(np.array([2], np.int64), "s1"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    parts, perm = (["minus1", "lead"], [1, 0, 2]) if count_last else (["lead", "minus1"], [0, 2, 1])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[2, 2]),
+             helper.make_node("Shape", ["c"], ["shp"]),
+             helper.make_node("Slice", ["shp", "s0", "s1"], ["lead"]),
+             helper.make_node("Concat", parts, ["target"], axis=0),
+             helper.make_node("Reshape", ["c", "target"], ["flat"]),
+             helper.make_node("Transpose", ["flat"], ["tok"], perm=perm),
+             helper.make_node("MatMul", ["tok", "head"], ["y"])]
+    graph = helper.make_graph(nodes, "flatten", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 16, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_legacy_flatten_reads_its_own_channel_count():
+    """The count read from the Conv output's own shape and put back on the same axis follows the pruning."""
+    model = _flatten_model(count_last=False)
+    result = prune(model, sparsity=0.5, method="prune")
+    conv = next(g for g in result.report.groups if g.producers == ["Conv_0"])
+    assert (conv.status, conv.channels_after) == ("pruned", 4)
+    assert_valid(result.model, model)
+
+
+def test_channel_count_read_into_another_axis_still_blocks():
+    groups = coupling.analyse(model_io.to_graph(_flatten_model(count_last=True))).groups
+    conv = next(g for g in groups if g.origin == "Conv_0")
+    assert not conv.prunable
