@@ -125,18 +125,20 @@ def dead_heads(form: str, dead: tuple[int, ...], seed: int = 0) -> Block:
     return m
 
 
-def export(model: nn.Module, path: Path, exporter: str, batch: int = 2, dynamic: bool = False) -> Path:
-    """Export with a fixed shape, or (``dynamic``) with a dynamic batch and sequence length."""
+def export(model: nn.Module, path: Path, exporter: str, batch: int = 2, dynamic: bool = False,
+           dynamic_tokens: bool = True) -> Path:
+    """Export with a fixed shape, or (``dynamic``) with a dynamic batch and (``dynamic_tokens``) sequence length."""
     x = torch.randn(batch, TOKENS, D)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "legacy":
-            axes = {"tokens": {0: "batch", 1: "tokens"}} if dynamic else None
+            axes = {"tokens": {0: "batch", **({1: "tokens"} if dynamic_tokens else {})}} if dynamic else None
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
                               input_names=["tokens"], output_names=["logits"], dynamic_axes=axes)
         else:
-            dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens")},) if dynamic else None
+            dims = ({0: torch.export.Dim("batch"), **({1: torch.export.Dim("tokens")} if dynamic_tokens else {})},
+                    ) if dynamic else None
             torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["tokens"],
                               output_names=["logits"], dynamic_shapes=dims)
     return path

@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 from . import attention, concat, elementwise, linear, normalisation, shape  # noqa: F401
 from .attention import FUSED_REASON
 from .rules import DOMAIN_RULES, RULES, Rule, rule
-from .shape import DYNAMIC, SPLIT_REASON, check_stored_entries
+from .shape import DYNAMIC, SPLIT_REASON, check_count_reads, check_stored_entries
 from .spaces import (CONSUMER, FOLDED_OK, KINDS, OUTPUT_REASON, PARAM, PRODUCER, Analysis, AxisFix, ChannelAxis, Context,
                      Group, Member, Segment, channel_rows)
 
@@ -116,6 +116,7 @@ def _analyse_pass(graph: gs.Graph, cuts: dict[str, frozenset[int]], units: dict[
         for name in _subgraph_tensor_names(node):
             ctx.block(ctx.axes.get(name), node, f"channels are used inside a {node.op} subgraph")
     check_stored_entries(ctx, graph)
+    check_count_reads(ctx)
     for out in graph.outputs:
         ctx.block(ctx.axes.get(out.name), f"graph output '{out.name}'", OUTPUT_REASON)
     _check_constant_users(ctx, graph)
