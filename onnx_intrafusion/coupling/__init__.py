@@ -165,7 +165,11 @@ def _collect(ctx: Context) -> Analysis:
         kinds.setdefault(gid, set()).add("head" if ctx.unit[s] > 1 else ctx.kind[s])
     for g in groups:
         found = kinds[g.id]
-        g.kind = next((k for k in ("head", "hidden") if k in found), "ffn" if found == {"ffn"} else "channel")
+        # FFN neurons are read by the next linear layer; a per-token projection whose
+        # output was blocked before any reader (e.g. an attention output projection cut
+        # off from the residual stream) is no FFN hidden layer.
+        ffn = found == {"ffn"} and any(m.role == CONSUMER for m in g.members)
+        g.kind = next((k for k in ("head", "hidden") if k in found), "ffn" if ffn else "channel")
     for g in groups:
         if not any(m.role == PRODUCER for m in g.members) and not g.blocked:
             g.blocked.append((g.origin, "no producer weight to edit"))

@@ -173,12 +173,55 @@ def _derived(ctx: Context, tensor: gs.Tensor, depth: int) -> list[int | None] | 
         if a is None or b is None or len(a) < 2 or len(b) < 2:
             return None
         return [*_broadcast([a[:-2], b[:-2]]), a[-2], b[-1]] if len(a) > 2 or len(b) > 2 else [a[-2], b[-1]]
+    if op in ("Concat", "Slice", "Gather", "Squeeze", "Unsqueeze"):
+        return _moved(ctx, node, [d(i) for i in range(len(node.inputs))])
     if op == "Gemm":
         a, b = d(0), d(1)
         if a is None or b is None or len(a) != 2 or len(b) != 2:
             return None
         return [a[1] if int(attr(node, "transA", 0)) else a[0], b[0] if int(attr(node, "transB", 0)) else b[1]]
     return None
+
+
+def _moved(ctx: Context, node: gs.Node, ins: list) -> list[int | None] | None:
+    """Output dims of Concat, Slice, Gather, Squeeze and Unsqueeze (constant operands) from the input dims."""
+    x = ins[0]
+    if x is None:
+        return None
+    rank = len(x)
+    if node.op == "Concat":
+        axis = norm_axis(int(attr(node, "axis", 0)), rank)
+        if any(s is None or len(s) != rank for s in ins):
+            return None
+        return [sum(s[axis] for s in ins) if i == axis else x[i] for i in range(rank)]
+    if node.op == "Slice":
+        params = slice_params(ctx, node)
+        if params is None:
+            return None
+        out: list[int | None] = list(x)
+        for start, end, axis, step in zip(*params):
+            a = norm_axis(axis, rank)
+            out[a] = len(range(*slice(start, end, step).indices(x[a]))) if fixed(x[a]) else None
+        return out
+    if node.op == "Gather":
+        idx = ctx.const(node.inputs[1])
+        if idx is None:
+            return None
+        axis = norm_axis(int(attr(node, "axis", 0)), rank)
+        return [*x[:axis], *idx.shape, *x[axis + 1:]]
+    axes = attr(node, "axes")
+    if axes is None and len(node.inputs) > 1:
+        val = ctx.const(node.inputs[1])
+        axes = None if val is None else val.reshape(-1).tolist()
+    if axes is None:
+        return None
+    if node.op == "Squeeze":
+        gone = {norm_axis(int(a), rank) for a in axes}
+        return [v for i, v in enumerate(x) if i not in gone]
+    out_rank = rank + len(axes)
+    added = {norm_axis(int(a), out_rank) for a in axes}
+    rest = iter(x)
+    return [1 if i in added else next(rest) for i in range(out_rank)]
 
 
 class Entry(int):
