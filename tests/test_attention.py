@@ -118,7 +118,10 @@ def test_sparsity_zero_changes_nothing(tmp_path_factory, form, exporter):
     result = prune(path, sparsity=0.0, allow_unchanged=True)
     assert not result.report.pruned_groups
     feeds = feeds_for(original)
-    np.testing.assert_array_equal(run(result.model, feeds)["logits"], run(original, feeds)["logits"])
+    # the written graph has the shape computations folded (the static ones of a dynamic-batch
+    # export): onnxruntime may then round differently in the last bit
+    atol = 0.0 if form == "bert" else 1e-6
+    np.testing.assert_allclose(run(result.model, feeds)["logits"], run(original, feeds)["logits"], atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("exporter", am.EXPORTERS)
