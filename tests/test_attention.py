@@ -222,8 +222,13 @@ def _count_read_model(own: bool) -> onnx.ModelProto:
              helper.make_node("MatMul", ["br", "wc"], ["yc"], name="fc"),
              helper.make_node("MatMul", ["a", "wd"], ["yd"], name="fd"),
              helper.make_node("Add", ["yc", "yd"], ["y"], name="add")]
-    graph = helper.make_graph(nodes, "count_read", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 3])], inits)
+    return _model(nodes, inits, ["n", 4, 6], ["n", 4, 3])
+
+
+def _model(nodes, inits, x_shape, y_shape) -> onnx.ModelProto:
+    """An opset-17 model from ``x`` to ``y``."""
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -254,10 +259,7 @@ def test_a_projection_blocked_before_any_reader_is_not_labelled_ffn():
              helper.make_node("MatMul", ["c", "w2"], ["f"], name="fc1"),
              helper.make_node("Relu", ["f"], ["r"], name="relu"),
              helper.make_node("MatMul", ["r", "w3"], ["y"], name="fc2")]
-    graph = helper.make_graph(nodes, "kinds", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = _model(nodes, inits, [1, 4, 6], [1, 4, 3])
     groups = {g.origin: g for g in coupling.analyse(model_io.to_graph(model)).groups}
     assert not groups["proj"].prunable and groups["proj"].kind == "channel"
     assert groups["fc1"].prunable and groups["fc1"].kind == "ffn"
