@@ -75,7 +75,12 @@ def fold_shapes(graph: gs.Graph) -> gs.Graph:
         if not any(n.op == "Shape" for n in graph.nodes):
             break
         before = len(graph.nodes)
-        graph = fold(gs.import_onnx(_inferred(gs.export_onnx(graph, do_type_check=False))))
+        model = gs.export_onnx(graph, do_type_check=False)
+        try:
+            model = infer_shapes_fast(model, data_prop=True)  # on a weightless copy: rounds stay cheap
+        except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
+            break
+        graph = fold(gs.import_onnx(model))
         if len(graph.nodes) == before:
             break
     return graph
