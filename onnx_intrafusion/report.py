@@ -14,7 +14,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .coupling import CONSUMER, PARAM, PRODUCER, Group
-from .model_io import concrete_input_shapes, fold, fold_shapes, params_count, quiet_graphsurgeon, weightless, with_input_shapes
+from .model_io import (concrete_input_shapes, fold, fold_shapes, params_count, quiet_graphsurgeon, weightless,
+                       with_input_shapes)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:

@@ -2,7 +2,9 @@
 
 Pooling and reductions, Reshape/Flatten (channels become blocks of positions),
 Transpose, Squeeze/Unsqueeze, Pad, Resize, and reads of the channel count
-through Shape/Gather (which block: the count would change at run time).
+through Shape/Gather (which block: the count would change at run time, unless
+the read only gives a Reshape its own channel count).  Reshape targets
+computed at run time are evaluated with the symbolic dims of :mod:`.dims`.
 """
 
 from __future__ import annotations
@@ -261,7 +263,7 @@ def _reads_a_count(ctx: Context, read: tuple) -> bool:
 
 
 def check_count_reads(ctx: Context) -> None:
-    """A channel count read at run time blocks its channels unless only Reshapes that take it as their own count read it."""
+    """A channel count read at run time blocks its channels, unless only Reshapes read it as their own count."""
     for node, ax in ctx.count_reads:
         readers = _target_readers(node)
         if readers is None or not readers <= ctx.count_users:
