@@ -96,6 +96,9 @@ class AxisFix:
     index: int = 0
     parts: tuple = ()  # tuple of segment tuples, for "split" and "slice"
     input: int = 1  # for "shape": which input of ``node`` holds the constant (Resize sizes: 3)
+    #: for "shape": a count the run time multiplies (``batch * heads``): the value written is the
+    #: new size of the axis' segments times ``scale`` (0: the whole new axis size)
+    scale: int = 0
 
 
 @dataclass
@@ -391,6 +394,11 @@ class Context(Members):
         self.fixes: list[AxisFix] = []
         # (node, input, element) of a stored shape entry -> the Reshapes (and axes) whose count it holds
         self.stored_entries: dict[tuple[str, int, int], list] = {}
+        self.dims: dict[str, list[int]] = {}  # tensor -> its dims, symbols as primes (see coupling.dims)
+        # Gather/Slice nodes that read a channel count from a Shape, and the Reshapes whose
+        # target takes such a read as their own channel count (it then follows the pruning)
+        self.count_reads: list[tuple[gs.Node, ChannelAxis]] = []
+        self.count_users: set[str] = set()
 
     def unite_parts(self, parts: list[ChannelAxis], node: gs.Node,
                     reason: str = "conv groups do not carry channels in the same layout") -> bool:
