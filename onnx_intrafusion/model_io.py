@@ -61,6 +61,32 @@ def fold(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
+#: Rounds of shape inference + folding before giving up on sizes computed from sizes.
+MAX_FOLD_ROUNDS = 8
+
+
+def fold_shapes(graph: gs.Graph) -> gs.Graph:
+    """Infer shapes and fold again while that folds more ``Shape`` reads; returns the (new) graph.
+
+    Each round makes the shapes computed from the previous round's folds
+    static (computed Pad amounts, then the windows of the padded tensor, ...):
+    the TorchScript export of Swin needs several.  Stops as soon as a round
+    removes no node; reads of dynamic dims stay as they are.
+    """
+    for _ in range(MAX_FOLD_ROUNDS):
+        if not any(n.op == "Shape" for n in graph.nodes):
+            break
+        before = len(graph.nodes)
+        try:  # exported without its large weights: rounds stay cheap and copy nothing
+            graph = fold(_reimported(graph, lambda g: infer_shapes_fast(gs.export_onnx(g, do_type_check=False),
+                                                                         data_prop=True)))
+        except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
+            break
+        if len(graph.nodes) == before:
+            break
+    return graph
+
+
 @dataclass
 class LoadedModel:
     """The user's model as loaded, and where it came from."""
@@ -286,15 +312,13 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     fold(graph)
     if _cast_like_to_cast(graph):
         fold(graph)
-    if any(n.op == "Shape" for n in graph.nodes):
-        # Folding may have made more shapes static (computed Pad amounts): once more.
-        graph = fold(_reimported(graph, lambda g: _inferred(gs.export_onnx(g, do_type_check=False))))
+    graph = fold_shapes(graph)
     _name_nodes(graph)
     return infer_graph_shapes(graph, model)
 
 
 def _import_inferred(model: onnx.ModelProto) -> gs.Graph:
-    """``gs.import_onnx(_inferred(model))`` without copying the weights.
+    """``gs.import_onnx(model)`` with the shapes inferred (data propagation on), without copying the weights.
 
     The shapes are inferred on a :func:`weightless` copy and lent to
     ``model`` for the import only (its ``value_info`` and outputs are put back
@@ -422,15 +446,6 @@ def _cast_like_to_cast(graph: gs.Graph) -> bool:
         node.inputs = [node.inputs[0]]
         changed = True
     return changed
-
-
-def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    if byte_size(model) >= 2**31 - 1:
-        return model
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
-        return model
 
 
 def _name_nodes(graph: gs.Graph) -> None:
