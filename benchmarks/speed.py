@@ -12,7 +12,10 @@ Runtimes (each skipped with a note when its package is missing):
   converter, high precision, CPU.  The converter is called through its
   native module: the wheel's ``mnnconvert`` script pip-installs a logging
   SDK at first run (which downgrades protobuf below what onnx needs) and
-  sends usage logs.
+  sends usage logs;
+* ``ncnn``: ncnn (the ``ncnn`` wheel), ONNX converted by pnnx (the ``pnnx``
+  wheel; ``pip install ncnn pnnx``), float32 weights and arithmetic, CPU; ncnn
+  has no batch axis, so a batch is run image by image.
 
 Two modes per batch size:
 
@@ -73,7 +76,7 @@ def cores() -> int:
 
 
 def model_path(name: str) -> Path:
-    if name in bench_models.MODELS:
+    if name in bench_models.MODELS + bench_models.TORCHVISION:
         return bench_models.export(name)
     return ROOT / "samples" / f"{name}.onnx"
 
@@ -163,12 +166,64 @@ def mnn_load(path: Path, batch: int, threads: int):
     return run
 
 
+def ncnn_convert(path: Path) -> tuple[Path, Path]:
+    """ONNX -> ncnn ``.param``/``.bin`` with pnnx (the ``pnnx`` wheel's converter), float32 weights."""
+    import subprocess
+    import tempfile
+
+    import pnnx
+
+    param, weights = path.with_suffix(".ncnn.param"), path.with_suffix(".ncnn.bin")
+    if param.exists() and weights.exists():
+        return param, weights
+    _, dims = input_spec(path)
+    shape = ",".join(str(1 if d is None else d) for d in dims)
+    with tempfile.TemporaryDirectory(prefix="pnnx-") as tmp:
+        t = Path(tmp)
+        side = {k: t / f"m.{k}" for k in ("pnnxparam", "pnnxbin", "pnnxpy", "pnnxonnx", "ncnnpy")}
+        cmd = [pnnx.EXEC_PATH, str(path), f"inputshape=[{shape}]", "fp16=0", f"ncnnparam={t / 'm.param'}",
+               f"ncnnbin={t / 'm.bin'}", *(f"{k}={v}" for k, v in side.items())]
+        done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0 or not (t / "m.param").exists():
+            raise RuntimeError(f"pnnx failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        (t / "m.bin").replace(weights)
+        (t / "m.param").replace(param)
+    return param, weights
+
+
+def ncnn_load(path: Path, batch: int, threads: int):
+    """ncnn (CPU, float32 storage and arithmetic): one image per extractor, as ncnn has no batch axis."""
+    import ncnn
+
+    param, weights = ncnn_convert(path)
+    net = ncnn.Net()
+    for flag in ("use_vulkan_compute", "use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic",
+                 "use_bf16_storage"):
+        setattr(net.opt, flag, False)
+    net.opt.num_threads = threads
+    if net.load_param(str(param)) != 0 or net.load_model(str(weights)) != 0:
+        raise RuntimeError("ncnn cannot load the converted model")
+
+    def run(x):
+        outs = []
+        for image in x:
+            ex = net.create_extractor()
+            ex.input("in0", ncnn.Mat(np.ascontiguousarray(image)))
+            _, out = ex.extract("out0")
+            outs.append(np.array(out))
+        return outs
+
+    run.keep = net  # the extractors need the net alive
+    return run
+
+
 RUNTIMES = {
     "ort": ort_loader("CPUExecutionProvider"),
     "ort-cuda": ort_loader("CUDAExecutionProvider"),
     "ort-trt": ort_loader("TensorrtExecutionProvider"),
     "openvino": openvino_load,
     "mnn": mnn_load,
+    "ncnn": ncnn_load,
 }
 
 
@@ -226,7 +281,7 @@ def markdown(rows: list[dict], by_round_to: bool) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(bench_models.MODELS))
-    p.add_argument("--runtimes", nargs="+", default=["ort", "openvino", "mnn"], choices=list(RUNTIMES))
+    p.add_argument("--runtimes", nargs="+", default=["ort", "openvino", "mnn", "ncnn"], choices=list(RUNTIMES))
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     p.add_argument("--round-to", nargs="+", default=["default"], help="variants: default (= --target auto) or N")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
@@ -255,7 +310,7 @@ def main(argv=None) -> int:
                              threads=args.threads, argv=sys.argv[1:] if argv is None else argv,
                              load_start=os.getloadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
     versions = {}
-    for mod in ("onnxruntime", "openvino", "MNN"):
+    for mod in ("onnxruntime", "openvino", "MNN", "ncnn", "pnnx"):
         try:
             versions[mod] = getattr(__import__(mod), "__version__", "installed")
         except ImportError:
@@ -309,7 +364,8 @@ def main(argv=None) -> int:
                         ideal = macs0 / macs[v]
                         row = dict(model=name, runtime=runtime, mode=mode, threads=threads, batch=batch, sparsity=s,
                                    round_to=r, method=args.method, macs_before=macs0, macs_after=macs[v],
-                                   ideal_speedup=ideal, orig_ms=orig * 1e3, runs=len(times["orig"]))
+                                   ideal_speedup=ideal, orig_ms=orig * 1e3, runs=len(times["orig"]),
+                                   measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
                         if v in errors:
                             row.update(error=errors[v])
                             print(f"{name:<12} {runtime:<9} {mode:>4} {batch:>5} {r:>8} {s:>8} pruned model "
