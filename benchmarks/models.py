@@ -33,8 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "results" / "models"
 MODELS = ("resnet50", "mobilenetv2", "vit")
-#: torchvision models exported by name (random weights): only where torchvision is importable
-TORCHVISION = ("vit_b_16",)
+#: torchvision models (random weights), exported only where torchvision is importable: name ->
+#: (architecture, fixed batch or None for a dynamic batch axis).  torchvision's ViT exported by the
+#: legacy exporter with a dynamic batch computes its attention reshape targets from the batch size at
+#: run time, which keeps its heads unprunable; the fixed-batch export (batch 8) has constant targets.
+TORCHVISION_MODELS = {"vit_b_16": ("vit_b_16", 8), "vit_b_16_dynbatch": ("vit_b_16", None)}
+TORCHVISION = tuple(TORCHVISION_MODELS)
 
 
 def _torch():
@@ -173,7 +177,7 @@ def _torchvision_model(name: str):
                  f"  /work/tv-venv/bin/python benchmarks/models.py {name}")
     torch, _ = _torch()
     torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None).eval()
+    return torchvision.models.get_model(TORCHVISION_MODELS[name][0], weights=None).eval()
 
 
 def export(name: str, out: Path | None = None) -> Path:
@@ -184,12 +188,13 @@ def export(name: str, out: Path | None = None) -> Path:
     torch, _ = _torch()
     out.parent.mkdir(parents=True, exist_ok=True)
     model = _torchvision_model(name) if name in TORCHVISION else build(name)
+    batch = TORCHVISION_MODELS[name][1] if name in TORCHVISION else None
+    dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if batch is None else None
     tmp = out.with_suffix(".tmp.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(tmp), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(model, torch.randn(batch or 1, 3, 224, 224), str(tmp), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"], dynamic_axes=dynamic)
     tmp.replace(out)
     return out
 

@@ -26,7 +26,10 @@ Two modes per batch size:
 Models are timed in interleaved rounds (orig, pruned@0.3, ..., orig, ...) so
 that load from other processes hits them alike; medians are reported.
 ``ideal`` = MACs before / after (batch 1), ``speed-up`` = original / pruned
-median, ``eff`` = speed-up / ideal.
+median, ``eff`` = speed-up / ideal; ``traffic_ratio`` = bytes read and written
+by all nodes before / after (batch 1, :func:`traffic_bytes`), ``eff-bytes`` =
+speed-up / traffic_ratio: memory-bound layers (depthwise convs, element-wise
+ops) shrink with the bytes, compute-bound ones with the MACs.
 
     python benchmarks/speed.py --quick                          # everything, short
     python benchmarks/speed.py --models resnet50 --runtimes ort --round-to 1 4 8 16 32
@@ -62,7 +65,8 @@ import models as bench_models  # noqa: E402
 
 from onnx_intrafusion import prune  # noqa: E402
 from onnx_intrafusion.model_io import save_model  # noqa: E402
-from onnx_intrafusion.report import count_macs  # noqa: E402
+from onnx_intrafusion.model_io import weightless  # noqa: E402
+from onnx_intrafusion.report import _folded, _shape_inferred, _shapes, count_macs  # noqa: E402
 
 WORK = ROOT / "results" / "speed_models"  # pruned and converted models (not committed)
 OUT = ROOT / "docs" / "results" / "speed.json"
@@ -90,6 +94,37 @@ def pruned_path(name: str, src: Path, sparsity: float, round_to: str, method: st
         result = prune(src, sparsity=sparsity, method=method, round_to=rt, target="auto", validate=False)
         save_model(result.model, out)
     return out
+
+
+def traffic_bytes(model: onnx.ModelProto) -> int | None:
+    """Bytes every node reads and writes at batch 1 (activations + weights + outputs, 4 per float).
+
+    A memory-traffic proxy next to the MACs: depthwise convolutions, activations
+    and residual adds shrink only linearly with the channels, 1x1 convs
+    quadratically, so a pruned model's speed-up lies between this ratio and the
+    MACs ratio.  None when some shape is unknown.
+    """
+    def count(inferred: onnx.ModelProto | None) -> int | None:
+        if inferred is None:
+            return None
+        shapes, total = _shapes(inferred), 0
+        for node in inferred.graph.node:
+            if node.op_type in ("Shape", "Constant", "ConstantOfShape"):
+                continue
+            for t in (*node.input, *node.output):
+                if not t:
+                    continue
+                if not _known(shapes.get(t)):
+                    return None
+                total += 4 * int(np.prod(shapes[t]))
+        return total
+
+    # shapes computed from Shape ops (attention reshapes) need the folded model; that graph's nodes are counted
+    return count(_shape_inferred(weightless(model))) or count(_folded(model))
+
+
+def _known(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
 
 
 def input_spec(path: Path) -> tuple[str, list]:
@@ -256,25 +291,28 @@ def markdown(rows: list[dict], by_round_to: bool) -> str:
     keys = sorted({(r["model"], r["mode"], r["batch"], str(r["round_to"]), r["sparsity"]) for r in rows},
                   key=lambda k: (k[0], k[1], k[2], int(k[3]) if k[3].isdigit() else 0, k[4]))
     first = "round-to | " if by_round_to else ""
-    head = (f"| model | mode | batch | {first}sparsity | MACs ratio | "
-            + " | ".join(f"{rt} ms orig -> pruned | {rt} speed-up (eff)" for rt in runtimes) + " |")
+    head = (f"| model | mode | batch | {first}sparsity | MACs ratio | bytes ratio | "
+            + " | ".join(f"{rt} ms orig -> pruned | {rt} speed-up (eff, eff-bytes)" for rt in runtimes) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model, mode, batch, rt_, sparsity in keys:
-        cells, ideal = [], None
+        cells, ideal, traffic = [], None, None
         for rt in runtimes:
             row = next((r for r in rows if (r["model"], r["mode"], r["batch"], str(r["round_to"]), r["sparsity"], r["runtime"])
                         == (model, mode, batch, rt_, sparsity, rt)), None)
             if row is None:
                 cells += ["-", "-"]
                 continue
-            ideal = row["ideal_speedup"]
+            ideal, traffic = row["ideal_speedup"], row.get("traffic_ratio")
             if "error" in row:
                 cells += ["fails to load", "-"]
             else:
+                by_bytes = f", {row['speedup'] / traffic:.2f}" if traffic else ""
                 cells += [f"{row['orig_ms']:.1f} -> {row['pruned_ms']:.1f}",
-                          f"{row['speedup']:.2f}x ({row['efficiency']:.2f})"]
+                          f"{row['speedup']:.2f}x ({row['efficiency']:.2f}{by_bytes})"]
         first = f"{rt_} | " if by_round_to else ""
-        lines.append(f"| {model} | {mode} | {batch} | {first}{sparsity} | {ideal:.2f} | " + " | ".join(cells) + " |")
+        tr = "-" if traffic is None else f"{traffic:.2f}"
+        lines.append(f"| {model} | {mode} | {batch} | {first}{sparsity} | {ideal:.2f} | {tr} | " + " | ".join(cells)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -332,6 +370,8 @@ def main(argv=None) -> int:
         macs0 = count_macs(onnx.load(str(src)))
         variants = {(s, r): pruned_path(name, src, s, r, args.method) for r in args.round_to for s in args.sparsities}
         macs = {v: count_macs(onnx.load(str(path))) for v, path in variants.items()}
+        bytes0 = traffic_bytes(onnx.load(str(src)))
+        traffic = {v: traffic_bytes(onnx.load(str(path))) for v, path in variants.items()}
         for runtime in args.runtimes:
             for batch in args.batches:
                 for mode in args.mode:
@@ -365,6 +405,8 @@ def main(argv=None) -> int:
                         row = dict(model=name, runtime=runtime, mode=mode, threads=threads, batch=batch, sparsity=s,
                                    round_to=r, method=args.method, macs_before=macs0, macs_after=macs[v],
                                    ideal_speedup=ideal, orig_ms=orig * 1e3, runs=len(times["orig"]),
+                                   bytes_before=bytes0, bytes_after=traffic[v],
+                                   traffic_ratio=bytes0 / traffic[v] if bytes0 and traffic[v] else None,
                                    measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
                         if v in errors:
                             row.update(error=errors[v])
