@@ -391,7 +391,9 @@ class _Layer:
             self.selected[b] = (pos, recovery.conv_targets(y, pos), y.shape[2:])
             return
         rows = _valid_rows(y, feed, masks)
-        cap = per_image * y.shape[0]
+        # images in this batch from the feed, not y.shape[0]: sequence-first layouts ([tokens, batch,
+        # features], as nn.MultiheadAttention exports) would otherwise lift the cap tokens/batch-fold
+        cap = per_image * next(iter(feed.values())).shape[0]
         count = y.size // y.shape[-1] if rows is None else len(rows)
         if count > cap:
             pick = np.sort(rng.choice(count, cap, replace=False))
