@@ -61,16 +61,10 @@ def run(model: Path, sparsity: float, calib: Path, tmp: Path, profile: Path | No
     rep = json.loads(report.read_text())
     return dict(cmd=cmd[1:], wall_s=round(wall, 2),
                 cpu_s=round(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, 2),
-                peak_rss_mb=round(after.ru_maxrss / 1024, 1), timings=rep.get("timings"),
-                macs_before=rep.get("macs_before"), macs_after=rep.get("macs_after"),
-                recovery=_recovery_summary(rep))
-
-
-def _recovery_summary(rep: dict) -> dict | None:
-    rec = rep.get("recovery")
-    if not isinstance(rec, dict):
-        return None
-    return {k: v for k, v in rec.items() if not isinstance(v, (list, dict))}
+                peak_rss_mb=round(after.ru_maxrss / 1024, 1), timings=rep.get("timings_s"),
+                macs=rep.get("macs"), recovery_model=rep.get("recovery_model"),
+                recovered_layers=sum(r.get("kept") == "recovered" for r in rep.get("recovery", [])),
+                layers=len(rep.get("recovery", [])))
 
 
 def top_functions(path: Path, n: int = 25) -> list[str]:
