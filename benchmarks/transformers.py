@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -53,9 +54,13 @@ from onnx_intrafusion import prune  # noqa: E402
 from onnx_intrafusion.errors import NothingToPrune  # noqa: E402
 
 MODELS = ("vit_legacy", "textenc_legacy")
-KINDS = ("heads", "ffn", "both")
+KINDS = ("heads", "ffn", "both", "global", "sensitivity")
 SPARSITIES = (0.3, 0.5)
-RECOVERIES = ("none", "lstsq")
+RECOVERIES = ("none", "lstsq", "distill")
+#: Recoveries measured per kind: distillation (torch) only where it is compared across allocations;
+#: the sensitivity allocation needs calibration data, so it has no data-free row.
+KIND_RECOVERIES = {"heads": ("none", "lstsq"), "ffn": ("none", "lstsq"), "both": ("none", "lstsq", "distill"),
+                   "global": ("none", "lstsq", "distill"), "sensitivity": ("lstsq", "distill")}
 SAMPLES = ROOT / "samples" / "transformers"
 OUT = ROOT / "docs" / "results"
 
@@ -90,6 +95,8 @@ def accuracy(model: onnx.ModelProto | str, feeds: dict, y: np.ndarray, batch: in
 
 
 def kind_options(kind: str, s: float) -> dict:
+    if kind in ("global", "sensitivity"):  # every kind allocated together: S = fraction of the MACs removed
+        return {"other_sparsity": s, "allocation": kind}
     return {"other_sparsity": 0.0,
             "head_sparsity": s if kind in ("heads", "both") else 0.0,
             "ffn_sparsity": s if kind in ("ffn", "both") else 0.0}
@@ -111,12 +118,15 @@ def group_summary(report: dict) -> dict:
     return out
 
 
-def run_row(model: str, kind: str, s: float, recover: str, calib: dict | None, test) -> dict:
+def run_row(model: str, kind: str, s: float, recover: str, calib: dict | None, test,
+            analysis_file: Path | None = None) -> dict:
     row = {"model": model, "kind": kind, "sparsity": s, "recover": recover, **kind_options(kind, s)}
     opts = kind_options(kind, s)
     kwargs = dict(sparsity=opts.pop("other_sparsity"), **opts, target="none")
     if recover != "none":
         kwargs.update(calibration=calib, recover=recover)
+    if kind == "sensitivity":  # one analysis per model (measured with lstsq), shared by its rows
+        kwargs.update(workers=1, sensitivity=str(analysis_file))
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -146,6 +156,9 @@ def run_row(model: str, kind: str, s: float, recover: str, calib: dict | None, t
         groups=group_summary(rep), recovery_model=rep.get("recovery_model"),
         warnings=sorted({str(w.message) for w in caught}),
     )
+    for key in ("sensitivity", "distill"):
+        if rep.get(key):
+            row[key] = rep[key]
     return row
 
 
@@ -155,8 +168,11 @@ def fmt_row(r: dict, base: float) -> str:
         return f"{head} {r['status']}: {(r.get('reason') or r.get('error', ''))[:90]}"
     rm = r.get("recovery_model") or {}
     kept = f"{rm['kept']} ({rm['before']:.3g}->{rm['after']:.3g})" if rm else "-"
+    if r.get("distill"):
+        kept += f", distill ->{r['distill']['held_back_after']:.3g}"
+    per_kind = " ".join(f"{k} {g['after']}/{g['before']}" for k, g in r["groups"].items() if g["pruned"])
     return (f"{head} {100 * r['accuracy']:6.2f} {100 * (r['accuracy'] - base):+6.2f} "
-            f"{100 * r['mac_reduction']:6.1f}% {r['seconds']:7.1f}s  {kept}")
+            f"{100 * r['mac_reduction']:6.1f}% {r['seconds']:7.1f}s  {kept}  [{per_kind}]")
 
 
 def main(argv=None) -> int:
@@ -166,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", default=None, help="comma-separated (default 0.3,0.5)")
     ap.add_argument("--calibration", type=int, default=None, help="calibration samples (default 1024)")
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     args = ap.parse_args(argv)
 
     sparsities = (tuple(float(s) for s in args.sparsities.split(",")) if args.sparsities
@@ -198,16 +215,17 @@ def main(argv=None) -> int:
         base = data["baseline"][model]["accuracy"]
         print(f"{model:<15} {'-':<6} {0:>4} {'-':<6} {100 * base:6.2f}  (unpruned, {len(test[1])} test samples)")
         calib = None
-        for kind in KINDS:
+        analysis_file = Path(tempfile.mkdtemp()) / f"{model}_sensitivity.json"
+        for kind in args.kinds.split(","):
             for s in sparsities:
-                for recover in RECOVERIES:
+                for recover in KIND_RECOVERIES[kind]:
                     key = (model, kind, s, recover)
                     if key in done:
                         row = next(r for r in data["rows"] if (r["model"], r["kind"], r["sparsity"], r["recover"]) == key)
                     else:
                         if recover != "none" and calib is None:
                             calib = calibration_arrays(model, n_calib, split="train")
-                        row = run_row(model, kind, s, recover, calib, test)
+                        row = run_row(model, kind, s, recover, calib, test, analysis_file)
                         data["rows"].append(row)
                         save()
                     print(fmt_row(row, base), flush=True)

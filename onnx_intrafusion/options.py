@@ -55,7 +55,9 @@ class Options:
 
     sparsity: float = 0.5
     method: str = "intrafusion"
-    # Per group kind (see coupling.KINDS), with uniform allocation: overrides of sparsity and method
+    # Per group kind (see coupling.KINDS): overrides of sparsity and method.  With --global or
+    # --allocation sensitivity a kind's sparsity is fixed (uniform within the kind, not allocated) and
+    # the allocation reaches the MAC target for the whole model with the other kinds.
     head_sparsity: float | None = None
     ffn_sparsity: float | None = None
     head_method: str | None = None  # default "prune": merging heads measured worse (docs/results/attention_heads.json)
@@ -122,9 +124,6 @@ class Options:
         for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity)):
             if value is not None:
                 _number(value, name, 0.0, 1.0, high_open=True)
-                if self.allocation == "global":
-                    raise UsageError(f"--{name} only applies to uniform allocation (--global ranks every kind "
-                                     f"of group together under one --sparsity)")
         if self.head_method is not None:
             _choice(self.head_method, "head method", METHODS)
         if self.provider not in PROVIDERS:  # the provider's own error class (exit 7), as validate raises it

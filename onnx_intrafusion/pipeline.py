@@ -87,12 +87,25 @@ def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
 def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
                  seed: int = 0, selected: set[int] | None = None, target: str = "macs",
                  max_group_sparsity: float = 0.9, round_to: int = 1,
-                 given_scores: dict[int, np.ndarray] | None = None) -> dict[int, int]:
-    """Channels kept per group under global allocation (see :mod:`allocation`)."""
-    todo = analysis.prunable(selected)
+                 given_scores: dict[int, np.ndarray] | None = None,
+                 kind_sparsity: dict[str, float] | None = None) -> dict[int, int]:
+    """Channels kept per group under global allocation (see :mod:`allocation`).
+
+    Groups of a kind in ``kind_sparsity`` keep that kind's uniform count and
+    are not ranked; the others are ranked to reach the target for the whole model.
+    """
+    fixed = _fixed_keeps(analysis, selected, kind_sparsity, round_to)
+    todo = [g for g in analysis.prunable(selected) if g.id not in fixed]
     scores = {g.id: _scores(g, _group_rows(g, values)[0], importance, seed, given_scores) for g in todo}
     macs = allocation_mod.node_macs(graph, analysis) if target == "macs" else None
-    return allocation_mod.global_keeps(analysis, scores, sparsity, macs, target, max_group_sparsity, round_to)
+    return allocation_mod.global_keeps(analysis, scores, sparsity, macs, target, max_group_sparsity, round_to, fixed)
+
+
+def _fixed_keeps(analysis: Analysis, selected: set[int] | None, kind_sparsity: dict[str, float] | None,
+                 round_to: int) -> dict[int, int]:
+    """Channels kept by the groups whose kind has its own sparsity (uniform within the kind)."""
+    return {g.id: plans.keep_count(g.size, kind_sparsity[g.kind], allocation_mod.multiple(g, round_to))
+            for g in analysis.prunable(selected) if g.kind in (kind_sparsity or {})}
 
 
 def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, method: str,
@@ -117,10 +130,8 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
-            # A head group counts heads, each head_dim channels wide: the channel multiple is not
-            # applied to the head count.
-            multiple = 1 if group.kind == "head" else round_to
-            keep = (plans.keep_count(group.size, group_sparsity, multiple) if keeps is None
+            keep = (plans.keep_count(group.size, group_sparsity, allocation_mod.multiple(group, round_to))
+                    if keeps is None
                     else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
@@ -180,19 +191,24 @@ def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: d
 
 
 def sensitivity_keeps(graph, analysis: Analysis, table: sensitivity_mod.Sensitivity, sparsity: float,
-                      selected: set[int] | None, max_group_sparsity: float, round_to: int
+                      selected: set[int] | None, max_group_sparsity: float, round_to: int,
+                      kind_sparsity: dict[str, float] | None = None
                       ) -> tuple[dict[int, int], dict[int, float], bool]:
-    """Channels kept per group under the sensitivity allocation (see :mod:`allocation`)."""
+    """Channels kept per group under the sensitivity allocation (see :mod:`allocation`).
+
+    Groups of a kind in ``kind_sparsity`` keep that kind's uniform count (as in :func:`global_keeps`).
+    """
+    fixed = _fixed_keeps(analysis, selected, kind_sparsity, round_to)
     measured = table.by_id()
     curves = {gid: measured[gid].curve() for gid in measured
               if gid < len(analysis.groups) and analysis.groups[gid].prunable
               and analysis.groups[gid].size == measured[gid].channels and (selected is None or gid in selected)}
-    missing = [g.id for g in analysis.prunable(selected) if g.id not in curves]
+    missing = [g.id for g in analysis.prunable(selected) if g.id not in curves and g.id not in fixed]
     if missing:
         warnings.warn(PruneWarning(f"{len(missing)} prunable group(s) have no sensitivity measurement and are "
                                    f"left unpruned (e.g. group {missing[0]})"), stacklevel=3)
     return allocation_mod.sensitivity_keeps(analysis, curves, sparsity, allocation_mod.node_macs(graph, analysis),
-                                            max_group_sparsity, round_to)
+                                            max_group_sparsity, round_to, fixed=fixed)
 
 
 def _warn_custom_ops(graph, analysis: Analysis) -> None:
@@ -357,10 +373,11 @@ def prune(
         keeps = None
         if opts.allocation == "global":
             keeps = global_keeps(graph, analysis, values, opts.sparsity, opts.importance, opts.seed, selected,
-                                 opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores)
+                                 opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores,
+                                 opts.kind_sparsity())
         elif opts.allocation == "sensitivity":
             keeps, predicted, met = sensitivity_keeps(graph, analysis, table, opts.sparsity, selected,
-                                                      opts.max_group_sparsity, opts.round_to)
+                                                      opts.max_group_sparsity, opts.round_to, opts.kind_sparsity())
             if not met:
                 warnings.warn(PruneWarning(
                     f"sparsity {opts.sparsity:g} of the MACs cannot be removed within the measured levels "

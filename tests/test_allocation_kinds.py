@@ -1,0 +1,89 @@
+"""Allocation across group kinds on a transformer: ``--global`` prunes heads and FFN neurons to a MAC target.
+
+The oracle is the trained Fashion-MNIST ViT's architecture, written out here
+from its sample description (samples/README.md), not from the tool's MAC
+model: patch embedding 1->64 channels on 7x7 patches of 4x4 pixels (49
+tokens), 4 pre-LayerNorm blocks of 4 heads x 16 and an MLP 64->128->64,
+mean pooling, a 64->10 classifier.  Given the heads and FFN neurons each
+block keeps (read from the report's groups), it counts the MACs of every
+Conv/MatMul/Gemm: Q, K, V and the output projection are 49 x 64 x 16 per
+kept head each, ``Q K^T`` and ``softmax x V`` 49 x 49 x 16 per kept head
+each, fc1 and fc2 49 x 64 per kept neuron each.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from onnx_intrafusion import prune
+from onnx_intrafusion.errors import UsageError
+
+VIT = Path(__file__).resolve().parent.parent / "samples" / "transformers" / "vit_legacy.onnx"
+TOKENS, HIDDEN, HEAD_DIM, LAYERS = 49, 64, 16, 4
+
+
+def oracle_macs(heads: list[int], neurons: list[int]) -> int:
+    patch = TOKENS * HIDDEN * 16  # Conv 1->64, kernel 4x4, 7x7 outputs
+    per_head = 4 * TOKENS * HIDDEN * HEAD_DIM + 2 * TOKENS * TOKENS * HEAD_DIM
+    per_neuron = 2 * TOKENS * HIDDEN
+    return patch + sum(per_head * h + per_neuron * f for h, f in zip(heads, neurons)) + HIDDEN * 10
+
+
+def _kept(report: dict, kind: str) -> list[int]:
+    return [g["channels_after"] for g in report["groups"] if g["kind"] == kind]
+
+
+def _run(**kw) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prune(str(VIT), target="none", **kw).report.to_dict()
+
+
+def test_oracle_matches_the_unpruned_model():
+    rep = _run(sparsity=0.0, allow_unchanged=True)
+    assert _kept(rep, "head") == [4] * LAYERS and _kept(rep, "ffn") == [128] * LAYERS
+    assert rep["macs"]["before"] == oracle_macs([4] * LAYERS, [128] * LAYERS)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5])
+def test_global_prunes_heads_and_ffn_to_the_mac_target(sparsity):
+    rep = _run(sparsity=sparsity, allocation="global")
+    heads, neurons = _kept(rep, "head"), _kept(rep, "ffn")
+    assert sum(heads) < 4 * LAYERS and sum(neurons) < 128 * LAYERS  # both kinds pruned
+    before, after = oracle_macs([4] * LAYERS, [128] * LAYERS), oracle_macs(heads, neurons)
+    assert rep["macs"]["after"] == after  # the report's count agrees with the architecture
+    removed = 1 - after / before
+    # Met, and not overshot by more than a few FFN neurons (one head alone is 3.6% of the MACs).
+    assert sparsity - 1e-9 <= removed <= sparsity + 0.005, removed
+    kinds = rep["kinds"]
+    assert (kinds["head"]["before"], kinds["head"]["after"]) == (4 * LAYERS, sum(heads))
+    assert (kinds["ffn"]["before"], kinds["ffn"]["after"]) == (128 * LAYERS, sum(neurons))
+
+
+def test_global_with_a_fixed_kind_allocates_the_others():
+    rep = _run(sparsity=0.3, allocation="global", head_sparsity=0.0)
+    heads, neurons = _kept(rep, "head"), _kept(rep, "ffn")
+    assert heads == [4] * LAYERS  # fixed by --head-sparsity 0
+    removed = 1 - oracle_macs(heads, neurons) / oracle_macs([4] * LAYERS, [128] * LAYERS)
+    assert 0.3 - 1e-9 <= removed <= 0.305, removed
+
+    rep = _run(sparsity=0.3, allocation="global", ffn_sparsity=0.25)
+    assert _kept(rep, "ffn") == [96] * LAYERS  # fixed: 25% of every FFN
+    heads = _kept(rep, "head")
+    removed = 1 - oracle_macs(heads, [96] * LAYERS) / oracle_macs([4] * LAYERS, [128] * LAYERS)
+    assert removed >= 0.3 - 1e-9 and sum(heads) < 4 * LAYERS
+
+
+def test_head_counts_ignore_the_channel_multiple():
+    # round_to=8 applies to channels; a head group of 4 heads must still lose heads under --global.
+    rep = _run(sparsity=0.5, allocation="global", round_to=8)
+    assert sum(_kept(rep, "head")) < 4 * LAYERS
+    assert all(n % 8 == 0 for n in _kept(rep, "ffn"))
+
+
+def test_per_kind_sparsity_out_of_range_is_refused():
+    with pytest.raises(UsageError, match="head-sparsity"):
+        _run(sparsity=0.3, allocation="global", head_sparsity=1.0)
