@@ -175,6 +175,44 @@ def fmt_row(r: dict, base: float) -> str:
             f"{100 * r['mac_reduction']:6.1f}% {r['seconds']:7.1f}s  {kept}  [{per_kind}]")
 
 
+#: Plotted series: (kind, recover) -> (label, style).
+PLOTTED = {("both", "none"): ("uniform, data-free", "C0:"), ("both", "lstsq"): ("uniform, lstsq", "C0--"),
+           ("both", "distill"): ("uniform, distill", "C0-"), ("global", "none"): ("global, data-free", "C1:"),
+           ("global", "lstsq"): ("global, lstsq", "C1--"), ("global", "distill"): ("global, distill", "C1-"),
+           ("sensitivity", "lstsq"): ("sensitivity, lstsq", "C2--"),
+           ("sensitivity", "distill"): ("sensitivity, distill", "C2-")}
+
+
+def plot(data: dict, path: Path, models=("vit_legacy", "textenc_legacy")) -> None:
+    """Accuracy against the fraction of MACs removed, one panel per model, one line per allocation x recovery,
+    with the targets (at most 1.0 / 2.5 points lost at 30% / 50% fewer MACs) as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in models if m in data["baseline"]]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        base = 100 * data["baseline"][model]["accuracy"]
+        ax.axhline(base, color="grey", lw=0.8)
+        ax.plot([30, 50], [base - 1.0, base - 2.5], "kx", ms=8, label="target (max. loss)")
+        for (kind, recover), (label, style) in PLOTTED.items():
+            rows = sorted((r for r in data["rows"] if r["model"] == model and r["kind"] == kind
+                           and r["recover"] == recover and r["status"] == "ok"), key=lambda r: r["sparsity"])
+            if rows:
+                pts = [(0.0, base)] + [(100 * r["mac_reduction"], 100 * r["accuracy"]) for r in rows]
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=label)
+        ax.set_title(f"{model} (unpruned {base:.2f}%)")
+        ax.set_xlabel("MACs removed (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="S=0.5 only, 256 calibration samples, 2,000 ViT test images")
@@ -229,6 +267,8 @@ def main(argv=None) -> int:
                         data["rows"].append(row)
                         save()
                     print(fmt_row(row, base), flush=True)
+    if not args.quick:
+        plot(data, ROOT / "docs" / "transformers.png")
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
 

@@ -25,6 +25,23 @@ only); this is exact for the ops :func:`report.count_macs` counts.  The
 allocation removes channels in rank order and finds by bisection the shortest
 prefix of the ranking that reaches the target.
 
+Kinds.  A transformer's groups are of several kinds (``coupling.KINDS``):
+in a ``head`` group one channel is a whole attention head, ``head_dim``
+positions on each Q/K/V/output axis (the segments' ``block``), so removing it
+saves its rows of Q, K, V, its columns of the output projection and its share
+of ``Q K^T`` and ``softmax x V`` (batched over heads: counted once, see
+:func:`node_macs`); an ``ffn`` neuron saves one row of fc1 and one column of
+fc2.  On the trained 4-block ViT one head is worth 44 FFN neurons.  Global
+allocation ranks heads and neurons on the same normalised scale (each group
+averages 1) and meets the MAC target with each removal's true cost, so a
+weak head relative to its block goes before an average neuron; it does not
+know that heads are more sensitive than neurons.  The sensitivity allocation
+does: it measures every head and FFN group's distortion on held-back data and
+is the measured best across kinds (docs/transformers.md).  A kind given its
+own sparsity (``--head-sparsity`` etc.) is not allocated (``fixed``): its
+groups keep that count and the other groups reach the target for the whole
+model.
+
 *Sensitivity* (:func:`sensitivity_keeps`): each group's distortion curve was
 measured by pruning it alone at a few levels (:mod:`sensitivity`); between
 measured levels the distortion is interpolated linearly in the number of
@@ -243,7 +260,9 @@ def global_keeps(analysis: Analysis, scores: dict[int, np.ndarray], sparsity: fl
     keeps = keeps_after(lo)
     if target == "macs" and lo:
         keeps = _give_back(model, keeps, items[:lo], sparsity)
-    return {gid: k if gid in fixed else _rounded(sizes[gid], k, multiple(analysis.groups[gid], round_to), floors[gid])
+    groups = {g.id: g for g in analysis.groups}
+    return {gid: k if gid in fixed else _rounded(sizes[gid], k, multiple(groups[gid], round_to) if gid in groups
+                                                 else round_to, floors[gid])
             for gid, k in keeps.items()}
 
 

@@ -283,7 +283,10 @@ def prune(
     removing ``sparsity`` of every group: ``sparsity`` of the MACs
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
-    channels (see :mod:`onnx_intrafusion.allocation`).  ``target``
+    channels (see :mod:`onnx_intrafusion.allocation`).  ``head_sparsity`` /
+    ``ffn_sparsity`` set the sparsity of one group kind of a transformer;
+    with global or sensitivity allocation that kind is fixed at it and the
+    other kinds are allocated to reach ``sparsity`` of the whole model's MACs.  ``target``
     (auto/ort-cpu/ort-cuda/openvino/tflite/ncnn/mnn/none) makes every pruned
     group keep a multiple of the channels that runtime's fast kernels need
     (:mod:`onnx_intrafusion.deploy`; ``round_to`` overrides it; the library

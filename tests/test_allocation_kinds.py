@@ -87,3 +87,31 @@ def test_head_counts_ignore_the_channel_multiple():
 def test_per_kind_sparsity_out_of_range_is_refused():
     with pytest.raises(UsageError, match="head-sparsity"):
         _run(sparsity=0.3, allocation="global", head_sparsity=1.0)
+
+
+def test_sensitivity_allocation_meets_the_mac_target_across_kinds():
+    # Made-up curves (every group: distortion grows linearly with the fraction removed, heads 10x
+    # steeper): the knapsack must still meet the MAC target by the oracle's count, with or without
+    # the heads fixed.
+    import numpy as np
+    import onnx
+
+    from onnx_intrafusion import allocation, coupling, model_io
+
+    graph = model_io.to_graph(onnx.load(str(VIT)))
+    analysis = coupling.analyse(graph)
+    macs = allocation.node_macs(graph, analysis)
+    curves = {}
+    for g in analysis.prunable():
+        k = np.arange(g.size, 0, -1)
+        curves[g.id] = (k, (10.0 if g.kind == "head" else 1.0) * (1 - k / g.size))
+    heads = [g.id for g in analysis.groups if g.kind == "head"]
+    ffns = [g.id for g in analysis.groups if g.kind == "ffn"]
+    before = oracle_macs([4] * LAYERS, [128] * LAYERS)
+    for fixed in (None, {gid: 4 for gid in heads}):
+        keeps, _, met = allocation.sensitivity_keeps(analysis, curves, 0.3, macs, fixed=fixed)
+        assert met
+        removed = 1 - oracle_macs([keeps[g] for g in heads], [keeps[g] for g in ffns]) / before
+        assert 0.3 - 1e-9 <= removed <= 0.305, removed
+        if fixed:
+            assert [keeps[g] for g in heads] == [4] * LAYERS
