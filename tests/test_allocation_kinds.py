@@ -115,3 +115,16 @@ def test_sensitivity_allocation_meets_the_mac_target_across_kinds():
         assert 0.3 - 1e-9 <= removed <= 0.305, removed
         if fixed:
             assert [keeps[g] for g in heads] == [4] * LAYERS
+
+
+def test_sensitivity_allocation_keeps_a_fixed_kind_end_to_end():
+    # --allocation sensitivity --head-sparsity 0: the heads stay, the FFNs take the whole budget.
+    import numpy as np
+
+    calib = {"input": np.random.default_rng(0).random((40, 1, 28, 28), dtype=np.float32)}
+    rep = _run(sparsity=0.15, allocation="sensitivity", head_sparsity=0.0, calibration=calib, recover="none",
+               sensitivity_levels=(0.5,), workers=1, validate=False)
+    heads, neurons = _kept(rep, "head"), _kept(rep, "ffn")
+    assert heads == [4] * LAYERS and sum(neurons) < 128 * LAYERS
+    removed = 1 - oracle_macs(heads, neurons) / oracle_macs([4] * LAYERS, [128] * LAYERS)
+    assert 0.15 - 1e-9 <= removed <= 0.155, removed
