@@ -7,9 +7,13 @@ Models (samples/transformers, see samples/README.md):
 
 For each model, each pruning kind (``heads``: ``head_sparsity=S``; ``ffn``:
 ``ffn_sparsity=S``; ``both``: both at ``S``; every other group kind at
-sparsity 0), each ``S`` in ``--sparsities`` and each recovery (``none``:
+sparsity 0; ``global`` / ``sensitivity``: ``allocation=`` that, ``S`` = the
+fraction of the MACs removed, every kind competing for it; the sensitivity
+analysis is measured once per model with lstsq and reused by its rows), each
+``S`` in ``--sparsities`` and each recovery of ``KIND_RECOVERIES`` (``none``:
 data-free; ``lstsq``: least squares on ``--calibration`` unlabelled samples
-from the TRAINING split, with the tool's own held-back never-worse check),
+from the TRAINING split, with the tool's own held-back never-worse check;
+``distill``: lstsq then 10 epochs of distillation, needs torch),
 one ``onnx_intrafusion.prune`` run (l1 importance, default methods: heads are
 dropped, FFN neurons merged with Intra-Fusion, ``target="none"`` = exact
 counts).  Top-1 accuracy of the written model on the full test split with
@@ -17,11 +21,13 @@ onnxruntime, MACs before/after from the report, prune wall time and the
 report's ``recovery_model`` record (whole-model distortion on held-back
 calibration samples before/after recovery, and which one was kept).
 
-    OMP_NUM_THREADS=1 python benchmarks/transformers.py           # 24 rows, a few minutes
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py           # 24 rows per model, ~10 minutes each
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py --kinds both,global   # a subset of the kinds
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --quick   # S=0.5, 256 samples, test subsets
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --models vit_dynamo,textenc_dynamo   # the dynamo exports
 
-Writes docs/results/transformers.json (``--quick``: transformers_quick.json)
+Writes docs/results/transformers.json (``--quick``: transformers_quick.json; without ``--quick`` also
+the plot docs/transformers.png)
 after every row; a rerun skips rows already in the file with the same
 settings (``--fresh`` starts over).
 """

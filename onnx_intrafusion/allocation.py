@@ -74,11 +74,13 @@ two-group chain with non-convex curves this finds the brute-force optimum
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .coupling import Analysis
+from .errors import PruneWarning
 from .plans import keep_count
 
 TARGETS = ("macs", "channels")
@@ -251,6 +253,10 @@ def global_keeps(analysis: Analysis, scores: dict[int, np.ndarray], sparsity: fl
     lo, hi = 0, len(items)
     if not need(hi):
         lo = hi
+        fixed_note = " and the kinds given their own sparsity" if fixed else ""
+        warnings.warn(PruneWarning(f"sparsity {sparsity:g} of the {target} cannot be removed within "
+                                   f"max-group-sparsity {max_group_sparsity:g}{fixed_note}: removing what they allow"),
+                      stacklevel=3)
     while lo < hi:
         mid = (lo + hi) // 2
         if need(mid):

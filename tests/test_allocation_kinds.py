@@ -128,3 +128,14 @@ def test_sensitivity_allocation_keeps_a_fixed_kind_end_to_end():
     assert heads == [4] * LAYERS and sum(neurons) < 128 * LAYERS
     removed = 1 - oracle_macs(heads, neurons) / oracle_macs([4] * LAYERS, [128] * LAYERS)
     assert 0.15 - 1e-9 <= removed <= 0.155, removed
+
+
+def test_global_target_out_of_reach_is_said():
+    # Heads fixed at 0: the FFNs hold 41.6% of the MACs, at most 90% of them can go (37.4%).
+    from onnx_intrafusion.errors import PruneWarning
+
+    with pytest.warns(PruneWarning, match="cannot be removed within max-group-sparsity 0.9 and the kinds"):
+        result = prune(str(VIT), target="none", sparsity=0.45, allocation="global", head_sparsity=0.0,
+                       validate=False)
+    rep = result.report.to_dict()
+    assert _kept(rep, "ffn") == [13] * LAYERS  # every FFN at its cap: ceil(0.1 x 128)
