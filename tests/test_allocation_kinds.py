@@ -139,3 +139,12 @@ def test_global_target_out_of_reach_is_said():
                        validate=False)
     rep = result.report.to_dict()
     assert _kept(rep, "ffn") == [13] * LAYERS  # every FFN at its cap: ceil(0.1 x 128)
+
+
+def test_terminal_summary_lists_kept_over_total_per_kind():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = prune(str(VIT), target="none", sparsity=0.0, head_sparsity=0.5, ffn_sparsity=0.25,
+                       validate=False).report
+    line = next(s for s in report.to_text().splitlines() if s.startswith("kinds"))
+    assert "head 8/16 heads (4/4 groups pruned)" in line and "ffn 384/512 neurons (4/4 groups pruned)" in line
