@@ -25,6 +25,7 @@ calibration samples before/after recovery, and which one was kept).
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --kinds both,global   # a subset of the kinds
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --quick   # S=0.5, 256 samples, test subsets
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --models vit_dynamo,textenc_dynamo   # the dynamo exports
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py --hidden  # with/without the hidden size at equal MACs
 
 Writes docs/results/transformers.json (``--quick``: transformers_quick.json; without ``--quick`` also
 the plot docs/transformers.png)
@@ -133,6 +134,11 @@ def run_row(model: str, kind: str, s: float, recover: str, calib: dict | None, t
         kwargs.update(calibration=calib, recover=recover)
     if kind == "sensitivity":  # one analysis per model (measured with lstsq), shared by its rows
         kwargs.update(workers=1, sensitivity=str(analysis_file))
+    return measure(model, row, kwargs, test)
+
+
+def measure(model: str, row: dict, kwargs: dict, test) -> dict:
+    """One ``prune(model, **kwargs)``: accuracy, MACs, time and the report's records added to ``row``."""
     start = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -219,8 +225,99 @@ def plot(data: dict, path: Path, models=("vit_legacy", "textenc_legacy")) -> Non
     plt.close(fig)
 
 
+def load_results(out: Path, settings: dict, fresh: bool) -> dict:
+    """The rows already in ``out`` when they were measured with the same ``settings`` (a rerun resumes)."""
+    if out.exists() and not fresh:
+        old = json.loads(out.read_text())
+        if old.get("settings") == settings:
+            return old
+    return {"settings": settings, "baseline": {}, "rows": []}
+
+
+#: Hidden-size mode: which kinds are pruned at a common S, that S chosen so that the MACs fall by the target.
+HIDDEN_CONFIGS = {"heads+ffn": ("head_sparsity", "ffn_sparsity"),
+                  "heads+ffn+hidden": ("head_sparsity", "ffn_sparsity", "hidden_sparsity"),
+                  "hidden": ("hidden_sparsity",)}
+MAC_TARGETS = (0.3, 0.5)
+
+
+def mac_reduction(model: str, fields: tuple[str, ...], s: float, tiny: dict) -> float:
+    """Fraction of the MACs removed with ``fields`` at ``s`` (no recovery, no validation: only counting)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = prune(str(SAMPLES / f"{model}.onnx"), sparsity=0.0, target="none", calibration=tiny, recover="none",
+                    validate=False, allow_unchanged=True, **{f: s for f in fields}).report
+    return 1 - rep.macs_after / rep.macs_before
+
+
+def matched_sparsity(model: str, fields: tuple[str, ...], target: float, tiny: dict) -> tuple[float, float]:
+    """(S, MAC reduction at S): bisection for the S whose reduction is closest to ``target`` (counts are whole)."""
+    lo, hi, best = 0.0, 0.95, (0.0, 0.0)
+    for _ in range(9):
+        mid = round((lo + hi) / 2, 4)
+        red = mac_reduction(model, fields, mid, tiny)
+        if abs(red - target) < abs(best[1] - target):
+            best = (mid, red)
+        lo, hi = (mid, hi) if red < target else (lo, mid)
+    return best
+
+
+def hidden_main(args) -> int:
+    """With and without hidden-size pruning at equal MACs (lstsq), and Intra-Fusion vs selection for it."""
+    n_calib = args.calibration or 1024
+    out = OUT / "transformers_hidden.json"
+    settings = {"calibration_samples": n_calib, "calibration_split": "train", "importance": "l1",
+                "target": "none", "threads": 1, "recover": "lstsq", "mac_targets": list(MAC_TARGETS),
+                "methods": {"head": "prune (default)", "ffn": "intrafusion (default)", "hidden": "per row"}}
+    data = load_results(out, settings, args.fresh)
+    done = {(r["model"], r["kind"], r["mac_target"], r["method"]) for r in data["rows"]}
+    models = args.models.split(",")
+    print(f"{'model':<15} {'pruned':<17} {'MACs-':>6} {'S':>6} {'method':<11} {'acc%':>6} {'d pts':>6} {'prune':>7}"
+          f"  recovery_model kept (held-back distortion before->after)")
+    for model in models:
+        test = test_split(model, None)
+        if model not in data["baseline"]:
+            data["baseline"][model] = {"accuracy": accuracy(str(SAMPLES / f"{model}.onnx"), *test),
+                                       "test_samples": int(len(test[1]))}
+        base = data["baseline"][model]["accuracy"]
+        calib, tiny = None, calibration_arrays(model, 2, split="train")
+        for target in MAC_TARGETS:
+            for kind, fields in HIDDEN_CONFIGS.items():
+                methods = ("intrafusion", "prune") if "hidden" in kind else ("intrafusion",)
+                for method in methods:
+                    key = (model, kind, target, method)
+                    if key in done:
+                        row = next(r for r in data["rows"]
+                                   if (r["model"], r["kind"], r["mac_target"], r["method"]) == key)
+                    else:
+                        s, _ = matched_sparsity(model, fields, target, tiny)
+                        calib = calib if calib is not None else calibration_arrays(model, n_calib, split="train")
+                        row = {"model": model, "kind": kind, "mac_target": target, "sparsity": s,
+                               "method": method,  # of the hidden groups
+                               "recover": "lstsq", **{f: s for f in fields}}
+                        kwargs = dict(sparsity=0.0, target="none", calibration=calib, recover="lstsq",
+                                      hidden_method=method, **{f: s for f in fields})
+                        row = measure(model, row, kwargs, test)
+                        data["rows"].append(row)
+                        out.write_text(json.dumps(data, indent=1) + "\n")
+                    if row["status"] != "ok":
+                        print(f"{model:<15} {kind:<17} {row['status']}: {row.get('error', row.get('reason'))}")
+                        continue
+                    rm = row.get("recovery_model") or {}
+                    print(f"{model:<15} {kind:<17} {100 * row['mac_reduction']:5.1f}% {row['sparsity']:6.3f} "
+                          f"{method:<11} {100 * row['accuracy']:6.2f} {100 * (row['accuracy'] - base):+6.2f} "
+                          f"{row['seconds']:6.1f}s  {rm.get('kept')} ({rm.get('before', 0):.3g}->{rm.get('after', 0):.3g})",
+                          flush=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", action="store_true",
+                    help="hidden-size rows: heads+FFN vs heads+FFN+hidden vs hidden alone at 30%%/50%% fewer MACs "
+                    "(lstsq; Intra-Fusion and selection for the hidden groups); writes transformers_hidden.json")
     ap.add_argument("--quick", action="store_true", help="S=0.5 only, 256 calibration samples, 2,000 ViT test images")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--sparsities", default=None, help="comma-separated (default 0.3,0.5)")
@@ -228,6 +325,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     args = ap.parse_args(argv)
+    if args.hidden:
+        return hidden_main(args)
 
     sparsities = (tuple(float(s) for s in args.sparsities.split(",")) if args.sparsities
                   else (0.5,) if args.quick else SPARSITIES)
@@ -237,11 +336,7 @@ def main(argv=None) -> int:
     settings = {"calibration_samples": n_calib, "calibration_split": "train", "test_limit": limit,
                 "importance": "l1", "target": "none", "threads": 1,
                 "methods": {"head": "prune (default --head-method)", "ffn": "intrafusion (default --method)"}}
-    data = {"settings": settings, "baseline": {}, "rows": []}
-    if out.exists() and not args.fresh:
-        old = json.loads(out.read_text())
-        if old.get("settings") == settings:
-            data = old
+    data = load_results(out, settings, args.fresh)
     done = {(r["model"], r["kind"], r["sparsity"], r["recover"]) for r in data["rows"]}
 
     def save():

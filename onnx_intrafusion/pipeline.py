@@ -214,7 +214,8 @@ def sensitivity_keeps(graph, analysis: Analysis, table: sensitivity_mod.Sensitiv
 def _warn_custom_ops(graph, analysis: Analysis) -> None:
     """Custom-domain ops that touch channels leave their groups unpruned: say so (not an error)."""
     custom = {f"{n.name} ({n.op})" for n in graph.nodes if n.domain not in ("", "ai.onnx", None)}
-    touched = [g for g in analysis.groups if any(node in custom for node, _ in g.blocked)]
+    touched = [g for g in analysis.groups
+               if any(node in custom and reason not in coupling.DATA_REASONS for node, reason in g.blocked)]
     if touched:
         nodes = sorted({node for g in touched for node, _ in g.blocked if node in custom})
         more = f" and {len(nodes) - 3} more" if len(nodes) > 3 else ""
@@ -343,6 +344,8 @@ def prune(
         graph = model_io.to_graph(original)
     with timer.stage("groups"):
         analysis = coupling.analyse(graph)
+        if calib is not None:
+            analysis.lift_data_blocks()  # e.g. the hidden size under LayerNorm: recovery re-fits its readers
         values = {name: np.asarray(t.values) for name, t in graph.tensors().items()
                   if name in {m.constant for g in analysis.groups for m in g.members}}
     _warn_custom_ops(graph, analysis)

@@ -14,7 +14,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .coupling import CONSUMER, PARAM, PRODUCER, Group
-from .model_io import concrete_input_shapes, fold, params_count, quiet_graphsurgeon, weightless, with_input_shapes
+from .model_io import (concrete_input_shapes, fold, fold_shapes, params_count, quiet_graphsurgeon, weightless,
+                       with_input_shapes)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -55,7 +56,7 @@ def _folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """Shapes computed from Shape ops (legacy chunk/split, attention reshapes), folded on the real weights."""
     try:
         graph = gs.import_onnx(with_input_shapes(model, concrete_input_shapes(model, batch=1)))
-        fold(graph)
+        graph = fold_shapes(fold(graph))
         return onnx.shape_inference.infer_shapes(gs.export_onnx(graph, do_type_check=False), data_prop=True)
     except Exception:  # noqa: BLE001
         return None
