@@ -171,13 +171,17 @@ def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: d
                           stacklevel=3)
         return table, f"read from {source}"
 
+    # Groups of a kind with its own sparsity (the hidden size: 0 unless given) are not allocated: not measured.
+    fixed = _fixed_keeps(analysis, selected, opts.kind_sparsity(), opts.round_to or 1)
+    allocated = [g.id for g in analysis.prunable(selected) if g.id not in fixed]
+
     def plan(gid: int, keep: int) -> plans.ChannelMap:
         return plan_groups(analysis, values, 0.0, opts.method, opts.importance, opts.seed, {gid},
                            opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform",
                            keeps={gid: keep}, given_scores=given_scores)[gid]
 
     table = sensitivity_mod.analyse(
-        original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=selected,
+        original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=allocated,
         round_to=opts.round_to, recover="lstsq" if opts.recover == "distill" else opts.recover,  # no fine-tuning per run
         recover_alpha=opts.recover_alpha or 1e-3,
         ewr_eps=opts.ewr_eps or 0.05, seed=opts.seed, workers=opts.workers, ray_address=opts.ray_address,

@@ -148,3 +148,18 @@ def test_terminal_summary_lists_kept_over_total_per_kind():
                        validate=False).report
     line = next(s for s in report.to_text().splitlines() if s.startswith("kinds"))
     assert "head 8/16 heads (4/4 groups pruned)" in line and "ffn 384/512 neurons (4/4 groups pruned)" in line
+
+
+def test_hidden_size_is_not_allocated_unless_given():
+    # With calibration data the residual width is prunable; under --global it keeps its default 0
+    # (not ranked), and --hidden-sparsity fixes it while heads and FFN reach the MAC target.
+    import numpy as np
+
+    calib = {"input": np.random.default_rng(0).random((40, 1, 28, 28), dtype=np.float32)}
+    rep = _run(sparsity=0.3, allocation="global", calibration=calib, recover="none", validate=False)
+    assert rep["kinds"]["hidden"]["blocked"] == 0 and rep["kinds"]["hidden"]["after"] == HIDDEN
+    rep = _run(sparsity=0.4, allocation="global", hidden_sparsity=0.25, calibration=calib, recover="none",
+               validate=False)
+    assert rep["kinds"]["hidden"]["after"] == 48
+    assert sum(_kept(rep, "head")) < 4 * LAYERS and sum(_kept(rep, "ffn")) < 128 * LAYERS
+    assert 0.4 - 1e-9 <= 1 - rep["macs"]["after"] / rep["macs"]["before"] <= 0.41
