@@ -90,14 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "--calibration: activation = mean |activation|, taylor = |activation x gradient| of a "
                    "label-free loss, prospr = meta-gradient of channel masks through a few SGD steps "
                    "(ProsPr); taylor and prospr need the torch extra")
-    kinds = p.add_argument_group("transformers: per group kind (uniform allocation)")
+    kinds = p.add_argument_group("transformers: per group kind (with --global or --allocation sensitivity "
+                                 "the kind is fixed at this sparsity and the other kinds reach the MAC target)")
     kinds.add_argument("--head-sparsity", type=float, default=None, metavar="S",
                        help="fraction of the attention heads removed in every attention (default --sparsity)")
     kinds.add_argument("--ffn-sparsity", type=float, default=None, metavar="S",
                        help="fraction of the neurons removed in every per-token MLP/FFN (default --sparsity)")
+    kinds.add_argument("--hidden-sparsity", type=float, default=None, metavar="S",
+                       help="fraction of the residual width (hidden size: embedding, every residual Add and "
+                       "LayerNorm) removed; needs --calibration (default 0: measured no better at equal MACs)")
     kinds.add_argument("--head-method", choices=METHODS, default=None,
                        help="how removed heads are handled: prune = dropped (default, measured better), "
                        "intrafusion = merged into kept heads")
+    kinds.add_argument("--hidden-method", choices=METHODS, default=None,
+                       help="how removed hidden channels are handled: prune = dropped (default, measured better "
+                       "with lstsq), intrafusion = merged into kept ones")
     ot = p.add_argument_group("Intra-Fusion transport (only with --method intrafusion)")
     ot.add_argument("--ot-reg", type=float, default=None,
                     help="entropic regularisation for Sinkhorn, relative to the largest cost; 0 = exact OT (default)")

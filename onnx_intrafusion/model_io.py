@@ -59,6 +59,33 @@ def fold(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
+#: Rounds of shape inference + folding before giving up on sizes computed from sizes.
+MAX_FOLD_ROUNDS = 8
+
+
+def fold_shapes(graph: gs.Graph) -> gs.Graph:
+    """Infer shapes and fold again while that folds more ``Shape`` reads; returns the (new) graph.
+
+    Each round makes the shapes computed from the previous round's folds
+    static (computed Pad amounts, then the windows of the padded tensor, ...):
+    the TorchScript export of Swin needs several.  Stops as soon as a round
+    removes no node; reads of dynamic dims stay as they are.
+    """
+    for _ in range(MAX_FOLD_ROUNDS):
+        if not any(n.op == "Shape" for n in graph.nodes):
+            break
+        before = len(graph.nodes)
+        model = gs.export_onnx(graph, do_type_check=False)
+        try:
+            model = infer_shapes_fast(model, data_prop=True)  # on a weightless copy: rounds stay cheap
+        except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
+            break
+        graph = fold(gs.import_onnx(model))
+        if len(graph.nodes) == before:
+            break
+    return graph
+
+
 @dataclass
 class LoadedModel:
     """The user's model as loaded, and where it came from."""
@@ -276,9 +303,7 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     fold(graph)
     if _cast_like_to_cast(graph):
         fold(graph)
-    if any(n.op == "Shape" for n in graph.nodes):
-        # Folding may have made more shapes static (computed Pad amounts): once more.
-        graph = fold(gs.import_onnx(_inferred(gs.export_onnx(graph, do_type_check=False))))
+    graph = fold_shapes(graph)
     _name_nodes(graph)
     return infer_graph_shapes(graph, model)
 

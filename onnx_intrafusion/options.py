@@ -51,14 +51,25 @@ class Options:
     is ``"none"`` here (exact channel counts, the same on every machine, which
     API users and tests rely on) and ``auto`` on the command line (a channel
     multiple that the machine's runtime is fast with; see :mod:`deploy`).
+
+    The hidden size (``hidden_sparsity``) is the one kind that does not
+    default to ``sparsity``: it needs calibration data, and at equal MACs it
+    was not reliably better than heads + FFN alone, so it is 0 unless given.
     """
 
     sparsity: float = 0.5
     method: str = "intrafusion"
-    # Per group kind (see coupling.KINDS), with uniform allocation: overrides of sparsity and method
+    # Per group kind (see coupling.KINDS): overrides of sparsity and method.  With --global or
+    # --allocation sensitivity a kind's sparsity is fixed (uniform within the kind, not allocated) and
+    # the allocation reaches the MAC target for the whole model with the other kinds.
     head_sparsity: float | None = None
     ffn_sparsity: float | None = None
+    # The residual width (kind "hidden", needs calibration data).  Default 0 = off: at equal MACs with
+    # lstsq, adding it to heads + FFN helped the Fashion-MNIST ViT at 50% fewer MACs (+1.3 points) but
+    # not at 30% (-0.2) and cost the text encoder 0.2-1.1 points (docs/results/transformers_hidden.json).
+    hidden_sparsity: float | None = None
     head_method: str | None = None  # default "prune": merging heads measured worse (docs/results/attention_heads.json)
+    hidden_method: str | None = None  # default "prune": merging measured worse with lstsq (transformers_hidden.json)
     importance: str = "l1"
     seed: int = 0
     groups: tuple[int, ...] | None = None
@@ -119,14 +130,17 @@ class Options:
         _choice(self.target, "target", DEPLOY_TARGETS)
         _choice(self.quantize, "quantization", QUANTIZATIONS)
         _choice(self.allocation, "allocation", ALLOCATIONS)
-        for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity)):
+        for name, value in (("head-sparsity", self.head_sparsity), ("ffn-sparsity", self.ffn_sparsity),
+                            ("hidden-sparsity", self.hidden_sparsity)):
             if value is not None:
                 _number(value, name, 0.0, 1.0, high_open=True)
-                if self.allocation == "global":
-                    raise UsageError(f"--{name} only applies to uniform allocation (--global ranks every kind "
-                                     f"of group together under one --sparsity)")
+        if self.hidden_sparsity is not None and self.hidden_sparsity != 0 and not has_calibration:
+            raise UsageError("--hidden-sparsity needs calibration data (--calibration FILE.npz): a LayerNorm over "
+                             "the hidden size changes its statistics, which only the least-squares re-fit repairs")
         if self.head_method is not None:
             _choice(self.head_method, "head method", METHODS)
+        if self.hidden_method is not None:
+            _choice(self.hidden_method, "hidden method", METHODS)
         if self.provider not in PROVIDERS:  # the provider's own error class (exit 7), as validate raises it
             raise ProviderError(f"unknown provider '{self.provider}' (choose from {', '.join(PROVIDERS)})")
 
@@ -215,7 +229,9 @@ class Options:
             sparsity=float(self.sparsity),
             head_sparsity=None if self.head_sparsity is None else float(self.head_sparsity),
             ffn_sparsity=None if self.ffn_sparsity is None else float(self.ffn_sparsity),
+            hidden_sparsity=0.0 if self.hidden_sparsity is None else float(self.hidden_sparsity),
             head_method=self.head_method or "prune",
+            hidden_method=self.hidden_method or "prune",
             groups=None if self.groups is None else tuple(sorted({int(g) for g in self.groups})),
             ot_reg=(0.0 if self.ot_reg is None else float(self.ot_reg)) if fusion else None,
             ot_p=(1.0 if self.ot_p is None else float(self.ot_p)) if fusion else None,
@@ -236,12 +252,13 @@ class Options:
 
     def kind_sparsity(self) -> dict[str, float]:
         """Sparsity per group kind that differs from ``sparsity`` (resolved options)."""
-        given = {"head": self.head_sparsity, "ffn": self.ffn_sparsity}
+        given = {"head": self.head_sparsity, "ffn": self.ffn_sparsity, "hidden": self.hidden_sparsity}
         return {kind: s for kind, s in given.items() if s is not None}
 
     def kind_method(self) -> dict[str, str]:
         """Method per group kind that differs from ``method`` (resolved options)."""
-        return {"head": self.head_method} if self.head_method else {}
+        given = {"head": self.head_method, "hidden": self.hidden_method}
+        return {kind: m for kind, m in given.items() if m}
 
     def to_dict(self) -> dict:
         """JSON-ready, every field (``None`` = does not apply to this run)."""

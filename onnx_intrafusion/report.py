@@ -14,7 +14,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .coupling import CONSUMER, PARAM, PRODUCER, Group
-from .model_io import concrete_input_shapes, fold, params_count, quiet_graphsurgeon, weightless, with_input_shapes
+from .model_io import (concrete_input_shapes, fold, fold_shapes, params_count, quiet_graphsurgeon, weightless,
+                       with_input_shapes)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -55,7 +56,7 @@ def _folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """Shapes computed from Shape ops (legacy chunk/split, attention reshapes), folded on the real weights."""
     try:
         graph = gs.import_onnx(with_input_shapes(model, concrete_input_shapes(model, batch=1)))
-        fold(graph)
+        graph = fold_shapes(fold(graph))
         return onnx.shape_inference.infer_shapes(gs.export_onnx(graph, do_type_check=False), data_prop=True)
     except Exception:  # noqa: BLE001
         return None
@@ -194,6 +195,7 @@ class Report:
             "params": {"before": self.params_before, "after": self.params_after},
             "macs": {"before": self.macs_before, "after": self.macs_after,
                      **({"unknown_because": self.macs_note} if self.macs_note else {})},
+            "kinds": self.kinds(),
             "groups": [vars(g) for g in self.groups],
             "timings_s": self.timings,
             "validation": self.validation,
@@ -206,6 +208,21 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def kinds(self) -> dict[str, dict]:
+        """Per group kind (channel, head, ffn, hidden): groups, groups pruned, channels before and after.
+
+        A head group counts heads, so ``head`` totals are heads (each head_dim channels wide).
+        """
+        out: dict[str, dict] = {}
+        for g in self.groups:
+            k = out.setdefault(g.kind, {"groups": 0, "pruned": 0, "blocked": 0, "before": 0, "after": 0})
+            k["groups"] += 1
+            k["pruned"] += g.status == "pruned"
+            k["blocked"] += g.status == "blocked"
+            k["before"] += g.channels_before
+            k["after"] += g.channels_after
+        return out
 
     @property
     def pruned_groups(self) -> list[GroupRow]:
@@ -227,6 +244,12 @@ class Report:
             lines.append(f"MACs    {self.macs_before:>14,} -> {self.macs_after:>14,}  "
                          f"({_ratio(self.macs_after, self.macs_before)})")
         lines.append(f"groups  {len(self.pruned_groups)} pruned, {len(self.blocked_groups)} blocked, {len(self.groups)} total")
+        kinds = self.kinds()
+        if set(kinds) != {"channel"}:  # a transformer: kept/total per kind (heads count heads)
+            unit = {"head": "heads", "ffn": "neurons"}
+            lines.append("kinds   " + ", ".join(f"{kind} {k['after']}/{k['before']} {unit.get(kind, 'channels')} "
+                                                 f"({k['pruned']}/{k['groups']} groups pruned)"
+                                                 for kind, k in kinds.items()))
         lines.append("")
         lines.append(f"{'group':>5}  {'channels':>11}  {'status':<9} producers / reason")
         for g in self.groups[:max_rows]:

@@ -120,7 +120,8 @@ def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap])
         if not _touches(analysis, maps, fix.tensor):
             continue
         node = nodes[fix.node]
-        size = new_axis_size(analysis, maps, fix.tensor)
+        size = (segments_size(analysis, maps, analysis.axes[fix.tensor].segments) * fix.scale if fix.scale
+                else new_axis_size(analysis, maps, fix.tensor))
         if fix.kind == "group":
             node.attrs["group"] = size
         elif fix.kind == "shape":

@@ -358,7 +358,7 @@ class ConvNeXtBlock(nn.Module):
 def test_convnext_block_mlp_pruned_layernorm_stream_kept(tmp_path, exporter):
     result = check(export(ConvNeXtBlock(), tmp_path, exporter))
     assert pruned_sizes(result.report) == [(32, 16)]
-    assert any("LayerNormalization normalises over the channel axis" in r for r in reasons(result.report))
+    assert coupling.NEEDS_CALIBRATION in reasons(result.report)  # the LayerNorm'd stream: only with data
 
 
 class Attention(nn.Module):

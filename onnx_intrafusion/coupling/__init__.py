@@ -27,11 +27,11 @@ import onnx_graphsurgeon as gs
 from . import attention, concat, elementwise, linear, normalisation, shape  # noqa: F401
 from .attention import FUSED_REASON
 from .rules import DOMAIN_RULES, RULES, Rule, rule
-from .shape import DYNAMIC, SPLIT_REASON, check_stored_entries
-from .spaces import (CONSUMER, FOLDED_OK, KINDS, OUTPUT_REASON, PARAM, PRODUCER, Analysis, AxisFix, ChannelAxis, Context,
-                     Group, Member, Segment, channel_rows)
+from .shape import DYNAMIC, SPLIT_REASON, check_count_reads, check_stored_entries
+from .spaces import (CONSUMER, DATA_REASONS, FOLDED_OK, KINDS, NEEDS_CALIBRATION, OUTPUT_REASON, PARAM, PRODUCER,
+                     Analysis, AxisFix, ChannelAxis, Context, Group, Member, Segment, channel_rows)
 
-__all__ = ["CONSUMER", "DOMAIN_RULES", "DYNAMIC", "FUSED_REASON", "KINDS", "OUTPUT_REASON", "PARAM", "PRODUCER", "RULES", "SPLIT_REASON", "Analysis", "AxisFix",
+__all__ = ["CONSUMER", "DATA_REASONS", "NEEDS_CALIBRATION", "DOMAIN_RULES", "DYNAMIC", "FUSED_REASON", "KINDS", "OUTPUT_REASON", "PARAM", "PRODUCER", "RULES", "SPLIT_REASON", "Analysis", "AxisFix",
            "ChannelAxis", "Context", "Group", "MAX_PASSES", "Member", "Rule", "Segment", "analyse", "channel_rows",
            "rule"]
 
@@ -116,6 +116,7 @@ def _analyse_pass(graph: gs.Graph, cuts: dict[str, frozenset[int]], units: dict[
         for name in _subgraph_tensor_names(node):
             ctx.block(ctx.axes.get(name), node, f"channels are used inside a {node.op} subgraph")
     check_stored_entries(ctx, graph)
+    check_count_reads(ctx)
     for out in graph.outputs:
         ctx.block(ctx.axes.get(out.name), f"graph output '{out.name}'", OUTPUT_REASON)
     _check_constant_users(ctx, graph)
@@ -164,8 +165,12 @@ def _collect(ctx: Context) -> Analysis:
         kinds.setdefault(gid, set()).add("head" if ctx.unit[s] > 1 else ctx.kind[s])
     for g in groups:
         found = kinds[g.id]
-        g.kind = next((k for k in ("head", "hidden") if k in found), "ffn" if found == {"ffn"} else "channel")
+        # FFN neurons are read by the next linear layer; a per-token projection whose
+        # output was blocked before any reader (e.g. an attention output projection cut
+        # off from the residual stream) is no FFN hidden layer.
+        ffn = found == {"ffn"} and any(m.role == CONSUMER for m in g.members)
+        g.kind = next((k for k in ("head", "hidden") if k in found), "ffn" if ffn else "channel")
     for g in groups:
-        if not any(m.role == PRODUCER for m in g.members) and not g.blocked:
+        if not any(m.role == PRODUCER for m in g.members) and all(r in DATA_REASONS for _, r in g.blocked):
             g.blocked.append((g.origin, "no producer weight to edit"))
     return Analysis(groups=groups, axes=dict(ctx.axes), fixes=list(ctx.fixes), space_group=space_group)

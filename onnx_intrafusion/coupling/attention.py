@@ -31,6 +31,7 @@ import math
 
 import onnx_graphsurgeon as gs
 
+from .dims import dims
 from .elementwise import join
 from .rules import int_operand, norm_axis, rule, slice_params
 from .spaces import ChannelAxis, Context
@@ -95,7 +96,7 @@ def _reaches_attention(ctx: Context, tensor: gs.Tensor, axis: int, depth: int = 
             if moved is not None and any(_reaches_attention(ctx, o, moved, depth + 1) for o in node.outputs):
                 return True
         elif node.op == "Reshape" and out is not None:
-            j = _reshaped_axis(ctx.shape(tensor), ctx.shape(out), axis)
+            j = _reshaped_axis(dims(ctx, tensor), dims(ctx, out), axis)
             if j is not None and _reaches_attention(ctx, out, j, depth + 1):
                 return True
         elif node.op in _PER_HEAD and out is not None:
@@ -133,7 +134,7 @@ def _moved_axis(ctx: Context, node: gs.Node, axis: int, rank: int) -> int | None
 
 
 def _reshaped_axis(ishape: list | None, oshape: list | None, axis: int) -> int | None:
-    """The output axis that holds input ``axis`` innermost (alone or folded with leading dims)."""
+    """The output axis that holds input ``axis`` innermost (alone or folded with leading dims; symbols as primes)."""
     if ishape is None or oshape is None or not all(isinstance(d, int) for d in (*ishape, *oshape)):
         return None
     lead, tail = math.prod(ishape[:axis + 1]), math.prod(ishape[axis + 1:])

@@ -1,11 +1,12 @@
-"""Rules of the weight ops: Conv (plain, depthwise, grouped), Gemm and MatMul producers/consumers."""
+"""Rules of the weight ops: Conv (plain, depthwise, grouped), Gemm and MatMul producers/consumers, embeddings."""
 
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
 from .attention import batched_matmul
-from .rules import attr, rule
+from .rules import attr, norm_axis, rule
+from .shape import _gather
 from .spaces import CONSUMER, PARAM, PRODUCER, AxisFix, ChannelAxis, Context, Segment
 
 
@@ -144,4 +145,22 @@ def _matmul(ctx: Context, node: gs.Node):
     kind = "ffn" if rank >= 3 else "channel"
     out = _linear_out(ctx, node, b, 1, node.outputs[0], y_rank - 1, weight.shape[1], kind)
     ctx.set_axis(node.outputs[0], out)
+    return [0]
+
+
+@rule("Gather")
+def _gather_rule(ctx: Context, node: gs.Node):
+    """An embedding lookup (a constant ``[vocab, width]`` table indexed by computed ids) produces channels.
+
+    Word, position and token-type embeddings of a text transformer: the
+    table's columns are the output channels (last axis of the output), like a
+    Linear layer's output rows.  Every other Gather is a shape op (:func:`.shape._gather`).
+    """
+    data, idx = node.inputs[0], node.inputs[1]
+    table = ctx.const(data)
+    if table is None or table.ndim != 2 or ctx.const(idx) is not None \
+            or norm_axis(int(attr(node, "axis", 0)), 2) != 0 or ctx.rank(idx) is None:
+        return _gather(ctx, node)
+    y_rank = ctx.rank(idx) + 1
+    ctx.set_axis(node.outputs[0], _linear_out(ctx, node, data, 1, node.outputs[0], y_rank - 1, table.shape[1]))
     return [0]

@@ -2,15 +2,20 @@
 
 Pooling and reductions, Reshape/Flatten (channels become blocks of positions),
 Transpose, Squeeze/Unsqueeze, Pad, Resize, and reads of the channel count
-through Shape/Gather (which block: the count would change at run time).
+through Shape/Gather (which block: the count would change at run time, unless
+the read only gives a Reshape its own channel count).  Reshape targets
+computed at run time are evaluated with the symbolic dims of :mod:`.dims`.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .attention import request_heads, takes_stack_apart
+from .dims import Computed, Entry, dims, fixed, reads, shape_entries
 from .rules import attr, int_operand, norm_axis, rule, slice_params, static
 from .spaces import AxisFix, ChannelAxis, Context, Segment
 
@@ -28,7 +33,7 @@ def _pool(ctx: Context, node: gs.Node):
     return [0]
 
 
-@rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
+@rule("ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceLogSumExp",
       "ReduceProd", "ReduceSumSquare")
 def _reduce(ctx: Context, node: gs.Node):
     ax = ctx.axis_of(node.inputs[0])
@@ -83,9 +88,8 @@ def _flatten(ctx: Context, node: gs.Node):
 
 
 def _same_leading(a: list, b: list) -> bool:
-    if a == b:
-        return True
-    return static(a) and static(b) and int(np.prod(a)) == int(np.prod(b))
+    """Whether leading dims ``a`` and ``b`` (symbols as primes) hold the same number of elements."""
+    return a == b or math.prod(a) == math.prod(b)
 
 
 def _outer(lead_in: list, lead_out: list, outer: int) -> int | None:
@@ -94,13 +98,10 @@ def _outer(lead_in: list, lead_out: list, outer: int) -> int | None:
     The same as ``outer`` when the leading dims hold the same elements;
     more when a Reshape folds leading dims into the channel axis (``[B, h, S,
     d] -> [B*h, S, d]``), fewer when it unfolds them again.  None when the
-    leading dims do not line up.
+    leading dims do not line up.  Symbolic dims are primes (:mod:`.dims`), so
+    a folded dynamic batch gives a symbolic ``outer``.
     """
-    if _same_leading(lead_in, lead_out):
-        return outer
-    if not (static(lead_in) and static(lead_out)):
-        return None
-    size_in, size_out = int(np.prod(lead_in)) * outer, int(np.prod(lead_out))
+    size_in, size_out = math.prod(lead_in) * outer, math.prod(lead_out)
     return size_in // size_out if size_out and size_in % size_out == 0 else None
 
 
@@ -111,58 +112,46 @@ def _reshape(ctx: Context, node: gs.Node):
     ax = ctx.axis_of(x)
     if ax is None:
         return [0]
-    ishape, oshape = ctx.shape(x), ctx.shape(y)
-    tval = ctx.const(target)
-    computed = tval is None
-    # x.view(x.size(0), -1) with a dynamic batch: the target is built from
-    # Shape reads of non-channel dims and constants; the inferred output
-    # shape may then have unknown dims that the target itself tells.
-    entries = _shape_entries(ctx, target, 0, node, 1)
-    resolved = None if entries is None or ishape is None else _resolve_target(ctx, entries, x, ishape)
-    if computed:
-        tval = None if resolved is None else np.array(resolved[0])
-    if resolved is not None and (oshape is None or len(oshape) != len(resolved[1]) or not static(oshape)):
-        if int(attr(node, "allowzero", 0)) and 0 in resolved[0]:
-            resolved = None
-        else:
-            oshape = [r if r is not None else o for o, r in zip(oshape or resolved[1], resolved[1])]
-    if ishape is None or oshape is None or tval is None:
+    # The target may be built at run time from Shape reads, arithmetic and
+    # constants (a dynamic batch, the legacy exporter's traced sizes): its
+    # entries are evaluated symbolically.  Reads of other dims need no edit;
+    # a read of a channel count blocks that count's group (the Shape/Gather
+    # rules), so it stays what it is now.
+    ishape, oshape = dims(ctx, x), dims(ctx, y)
+    entries = shape_entries(ctx, target, 0, node, 1)
+    if ishape is None or oshape is None or entries is None or len(entries) != len(oshape):
         ctx.block(ax, node, "Reshape target shape is computed at run time")
         return [0]
+    computed = ctx.const(target) is None
+    tval = [int(e) if isinstance(e, Entry) else DYNAMIC for e in entries]
     inner = ishape[ax.axis + 1:]
     total = ctx.total(ax)
-    if not static(inner):
-        ctx.block(ax, node, "Reshape of a tensor with dynamic inner dimensions")
-        return [0]
-    tail = int(np.prod(inner)) if inner else 1
-    tval = [int(v) for v in tval.reshape(-1)]
+    tail = math.prod(inner)
     allowzero = int(attr(node, "allowzero", 0))
     for j in range(len(oshape)):
-        otail = oshape[j + 1:]
-        if not static(otail) or not isinstance(oshape[j], int):
-            continue
-        new_tail = int(np.prod(otail)) if otail else 1
+        new_tail = math.prod(oshape[j + 1:])
         outer = _outer(ishape[:ax.axis], oshape[:j], ax.outer)
         if outer is None or oshape[j] * new_tail != outer * total * tail:
             continue
         segs = _tail_block(ax, tail, new_tail)
-        if segs is None and tail == 1 and request_heads(ctx, ax, new_tail, y, j):
+        if segs is None and tail == 1 and fixed(new_tail) and request_heads(ctx, ax, new_tail, y, j):
             ctx.block(ax, node, "waiting for head blocks")
             return [0]
         if segs is None:
             continue
-        if j >= len(tval):
-            break
         entry = tval[j]
         zero_refs = [i for i, v in enumerate(tval) if v == 0 and not allowzero]
         if ax.axis in zero_refs and ax.axis != j:
             break
         if entry == 0 and not allowzero and not (j == ax.axis and tail == new_tail):
             break
-        if entry == DYNAMIC:
-            break
         out = ChannelAxis(j, segs, outer)
-        if entry > 0 and not fix_entry(ctx, node, out, y, j, entries if computed else None):
+        if entry == DYNAMIC:
+            if _reads_own_count(ctx, out, entries, j):
+                ctx.count_users.add(node.name)
+            elif not fix_scaled(ctx, node, out, y, j, entries[j]):
+                break
+        elif entry > 0 and not fix_entry(ctx, node, out, y, j, entries if computed else None):
             return [0]
         ctx.set_axis(y, out)
         return [0]
@@ -186,7 +175,7 @@ def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, osha
     total = ctx.total(ax)
     for s in range(len(oshape) - 1):
         k, rest = oshape[s], oshape[s + 1:]
-        if not isinstance(k, int) or k < 2 or not static(rest) or total % k or int(np.prod(rest)) != total // k:
+        if not fixed(k) or k < 2 or not all(fixed(d) for d in rest) or total % k or math.prod(rest) != total // k:
             continue
         if not _same_leading(ishape[:ax.axis], oshape[:s]) or not takes_stack_apart(ctx, y, s):
             continue
@@ -201,7 +190,7 @@ def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, osha
         if not ctx.unite_parts(parts, node, "fused Q/K/V parts do not carry channels in the same layout"):
             return True
         j = s + 1 + next((i for i, d in enumerate(rest) if d != 1), 0)  # the channel axis: first non-1 dim
-        new_tail = int(np.prod(oshape[j + 1:]))
+        new_tail = math.prod(oshape[j + 1:])
         segs = [_tail_block(p, 1, new_tail) for p in parts]
         if segs[0] is None:
             if request_heads(ctx, parts[0], new_tail, y, j):
@@ -225,20 +214,8 @@ def stack_split(ctx: Context, node: gs.Node, ax: ChannelAxis, ishape: list, osha
 #: blocks do not line up with the producers' channels are left as they are.
 SPLIT_REASON = "Reshape splits the channel axis into several axes (attention heads, channel shuffle)"
 
-#: An entry of a computed shape that is read at run time from a non-channel dim.
+#: An entry of a computed shape that is not a stored constant (read or computed at run time).
 DYNAMIC = -(2**62)
-
-
-class Entry(int):
-    """A constant entry of a computed shape and where it is stored: ``source`` = (reader node, input, element)."""
-
-    source: tuple
-
-
-def _entry(value: int, source: tuple) -> Entry:
-    e = Entry(value)
-    e.source = source
-    return e
 
 
 def fix_entry(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, j: int, entries: list | None) -> bool:
@@ -251,6 +228,9 @@ def fix_entry(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, j: int
     of the pass, :func:`check_stored_entries`).  False (and blocked) when the
     entry is not a stored constant.
     """
+    if not fixed(ax.outer):
+        ctx.block(ax, node, "channel count is hard-coded next to a dimension read at run time")
+        return False
     if entries is None:
         ctx.fixes.append(AxisFix("shape", node.name, y.name, j))
         return True
@@ -258,14 +238,64 @@ def fix_entry(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, j: int
     if source is None or source[0] is None:
         ctx.block(ax, node, "channel count is hard-coded in a computed Reshape target")
         return False
+    return _fix_stored(ctx, node, ax, y, source)
+
+
+def _reads_own_count(ctx: Context, out: ChannelAxis, entries: list, j: int) -> bool:
+    """Entry ``j`` is the channel count of ``out`` read at run time from a tensor with the same channels.
+
+    Such a read follows the pruning by itself (dynamo's decomposed attention
+    reshapes K with the head count read from K's own shape).  No other entry
+    may read a channel count.
+    """
+    e = entries[j]
+    if not isinstance(e, tuple):
+        return False
+    src = ctx.axis_of(e[0])
+    if src is None or src.axis != e[1] or src.segments != out.segments or src.outer != out.outer or src.stack:
+        return False
+    return not any(_reads_a_count(ctx, r) for i, other in enumerate(entries) if i != j for r in reads(other))
+
+
+def _reads_a_count(ctx: Context, read: tuple) -> bool:
+    ax = ctx.axis_of(read[0])
+    return ax is not None and ax.axis == read[1]
+
+
+def check_count_reads(ctx: Context) -> None:
+    """A channel count read at run time blocks its channels, unless only Reshapes read it as their own count."""
+    for node, ax in ctx.count_reads:
+        readers = _target_readers(node)
+        if readers is None or not readers <= ctx.count_users:
+            ctx.block(ax, node, "the channel count is read at run time (Shape)")
+
+
+def fix_scaled(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, j: int, e) -> bool:
+    """Entry ``j`` is computed at run time as ``stored * factor`` (``batch * heads``): edit ``stored``.
+
+    The axis holds ``ax.outer`` repeats of its channels; the stored count
+    must be the channels times ``outer / factor``, a known number (heads
+    folded into a dynamic batch: the batch is both the factor and the
+    repeats).  False when the entry is not of that form: the caller blocks.
+    """
+    if not isinstance(e, Computed) or e.stored is None or e.factor is None:
+        return False
+    scale, rem = divmod(ax.outer, e.factor)
+    if rem or not fixed(scale) or int(e.stored) != ctx.total(ax) * scale:
+        return False
+    return _fix_stored(ctx, node, ax, y, e.stored.source, scale)
+
+
+def _fix_stored(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, source: tuple, scale: int = 0) -> bool:
     reader, index, element = source
-    ctx.fixes.append(AxisFix("shape", reader.name, y.name, element, input=index))
+    ctx.fixes.append(AxisFix("shape", reader.name, y.name, element, input=index, scale=scale))
     ctx.stored_entries.setdefault((reader.name, index, element), []).append((node, ax))
     return True
 
 
 #: Ops between a stored shape entry and the Reshape that reads it.
-_SHAPE_CHAIN = ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Slice", "Reshape")
+_SHAPE_CHAIN = ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Slice", "Reshape", "Mul", "Div",
+                "Add", "Sub", "Mod")
 
 
 def _target_readers(node: gs.Node, depth: int = 0) -> set[str] | None:
@@ -275,7 +305,7 @@ def _target_readers(node: gs.Node, depth: int = 0) -> set[str] | None:
         for r in t.outputs:
             if r.op == "Reshape" and len(r.inputs) > 1 and r.inputs[1] is t:
                 out.add(r.name)
-            elif r.op in _SHAPE_CHAIN and depth < 8:
+            elif r.op in _SHAPE_CHAIN and depth < 12:
                 sub = _target_readers(r, depth + 1)
                 if sub is None:
                     return None
@@ -301,82 +331,6 @@ def check_stored_entries(ctx: Context, graph: gs.Graph) -> None:
             ctx.unite_parts([ax for _, ax in users], users[0][0], "Reshapes sharing a channel count differ")
 
 
-def _shape_entries(ctx: Context, tensor: gs.Tensor, depth: int = 0, reader: gs.Node | None = None,
-                   index: int = 0) -> list | None:
-    """Entries of a 1-D int tensor computed from constants and Shape reads.
-
-    Each entry is an :class:`Entry` (a constant, read by input ``index`` of
-    ``reader``) or ``(tensor, dim)``: the size of ``tensor``'s dimension
-    ``dim`` read at run time.  None when the computation is not understood.
-    """
-    val = ctx.const(tensor)
-    if val is not None:
-        return [_entry(int(v), (reader, index, i)) for i, v in enumerate(val.reshape(-1))]
-    if depth > 8 or not tensor.inputs:
-        return None
-    node = tensor.inputs[0]
-    if node.op == "Concat" and int(attr(node, "axis", 0)) in (0, -1):
-        out: list = []
-        for k, t in enumerate(node.inputs):
-            part = _shape_entries(ctx, t, depth + 1, node, k)
-            if part is None:
-                return None
-            out += part
-        return out
-    if node.op in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape") and node.inputs:
-        return _shape_entries(ctx, node.inputs[0], depth + 1, node, 0)
-    if node.op == "Shape":
-        rank = ctx.rank(node.inputs[0])
-        if rank is None:
-            return None
-        start = norm_axis(int(attr(node, "start", 0)), rank)
-        end = attr(node, "end")
-        end = rank if end is None else min(norm_axis(int(end), rank), rank)
-        return [(node.inputs[0], d) for d in range(start, end)]
-    if node.op == "Gather" and int(attr(node, "axis", 0)) == 0:
-        src, idx = _shape_entries(ctx, node.inputs[0], depth + 1, node, 0), ctx.const(node.inputs[1])
-        if src is None or idx is None or idx.ndim > 1:
-            return None
-        return [src[int(i)] for i in idx.reshape(-1)]
-    if node.op == "Slice":
-        src, params = _shape_entries(ctx, node.inputs[0], depth + 1, node, 0), slice_params(ctx, node)
-        if src is None or params is None or len(params[0]) != 1:
-            return None
-        return src[slice(params[0][0], params[1][0], params[3][0])]
-    return None
-
-
-def _resolve_target(ctx: Context, entries: list, x: gs.Tensor, ishape: list) -> tuple[list, list] | None:
-    """(target values with run-time reads as DYNAMIC, output shape) of a computed Reshape target."""
-    tval, oshape = [], []
-    for i, e in enumerate(entries):
-        if isinstance(e, tuple):
-            t, d = e
-            ax = ctx.axis_of(t)
-            if ax is not None and ax.axis == d:
-                return None  # reads a channel count
-            shp = ctx.shape(t)
-            tval.append(DYNAMIC)
-            oshape.append(shp[d] if shp is not None and d < len(shp) else None)
-        else:
-            tval.append(e)
-            oshape.append(ishape[i] if e == 0 and i < len(ishape) else (None if e == -1 else e))
-    if tval.count(-1) == 1:
-        num = [d for d in ishape]
-        den = [d for d in oshape if d is not None]
-        for d in list(den):
-            if d in num:
-                num.remove(d)
-                den.remove(d)
-        sym = [d for d in num if not isinstance(d, int)]
-        n_static = int(np.prod([d for d in num if isinstance(d, int)] or [1]))
-        d_static = int(np.prod(den or [1])) if static(den) else 0
-        if d_static and not sym and n_static % d_static == 0:
-            oshape[tval.index(-1)] = n_static // d_static
-        elif d_static and len(sym) == 1 and sym[0] is not None and n_static == d_static:
-            oshape[tval.index(-1)] = sym[0]  # e.g. the batch: [-1, C*H*W]
-    return tval, oshape
-
 
 @rule("Shape")
 def _shape(ctx: Context, node: gs.Node):
@@ -396,13 +350,18 @@ def _shape(ctx: Context, node: gs.Node):
 
 
 def shape_read(ctx: Context, node: gs.Node, picked: list[int] | None) -> None:
-    """A Gather/Slice of a Shape output: reading the channel count blocks the channels."""
+    """A Gather/Slice of a Shape output: reading the channel count blocks the channels.
+
+    Unless every use of the read is a Reshape that takes it as its own
+    channel count (decided at the end of the pass, :func:`check_count_reads`).
+    """
     pos, ax = ctx.shape_vec[node.inputs[0].name]
-    if picked is None or pos in picked:
+    if picked is None:
         ctx.block(ax, node, "the channel count is read at run time (Shape)")
+    elif pos in picked:
+        ctx.count_reads.append((node, ax))
 
 
-@rule("Gather")
 def _gather(ctx: Context, node: gs.Node):
     data, idx = node.inputs[0], node.inputs[1]
     ival = ctx.const(idx)

@@ -23,6 +23,14 @@ PARAM = "param"  # per-channel parameters along the channels (averaged)
 #: Why channels that reach a graph output are kept: expected, not a failure.
 OUTPUT_REASON = "channels reach a graph output"
 
+#: Why a residual stream (kind "hidden") is left alone without calibration data: a LayerNorm (or
+#: RMSNorm) over the pruned axis computes its statistics over the kept channels only, so every
+#: kept channel changes too.  The least-squares re-fit of the layers that read the norm's outputs
+#: (``--recover lstsq``) needs real inputs to undo that; with data the block is lifted.
+NEEDS_CALIBRATION = "needs calibration data (LayerNorm over the hidden size)"
+#: Block reasons that calibration data lifts (see :meth:`Analysis.lift_data_blocks`).
+DATA_REASONS = frozenset({NEEDS_CALIBRATION})
+
 #: What a group's channels are: conv channels or plain neurons, attention heads
 #: (blocks of head_dim Q/K/V rows and output-projection columns), neurons of a
 #: linear layer applied per token (transformer FFN), the residual width.
@@ -88,6 +96,9 @@ class AxisFix:
     index: int = 0
     parts: tuple = ()  # tuple of segment tuples, for "split" and "slice"
     input: int = 1  # for "shape": which input of ``node`` holds the constant (Resize sizes: 3)
+    #: for "shape": a count the run time multiplies (``batch * heads``): the value written is the
+    #: new size of the axis' segments times ``scale`` (0: the whole new axis size)
+    scale: int = 0
 
 
 @dataclass
@@ -104,6 +115,11 @@ class Group:
     @property
     def prunable(self) -> bool:
         return not self.blocked
+
+    @property
+    def needs_data(self) -> bool:
+        """Blocked only for reasons that calibration data lifts."""
+        return bool(self.blocked) and all(r in DATA_REASONS for _, r in self.blocked)
 
     def nodes(self, role: str) -> list[str]:
         seen: dict[str, None] = {}
@@ -122,6 +138,11 @@ class Analysis:
 
     def group_of(self, space: int) -> Group:
         return self.groups[self.space_group[space]]
+
+    def lift_data_blocks(self) -> None:
+        """Calibration data is given: drop the block reasons it lifts (:data:`DATA_REASONS`) from every group."""
+        for g in self.groups:
+            g.blocked = [(n, r) for n, r in g.blocked if r not in DATA_REASONS]
 
     def prunable(self, selected=None) -> list[Group]:
         """The groups a run may prune: prunable ones, restricted to the ``selected`` ids when given."""
@@ -373,6 +394,11 @@ class Context(Members):
         self.fixes: list[AxisFix] = []
         # (node, input, element) of a stored shape entry -> the Reshapes (and axes) whose count it holds
         self.stored_entries: dict[tuple[str, int, int], list] = {}
+        self.dims: dict[str, list[int]] = {}  # tensor -> its dims, symbols as primes (see coupling.dims)
+        # Gather/Slice nodes that read a channel count from a Shape, and the Reshapes whose
+        # target takes such a read as their own channel count (it then follows the pruning)
+        self.count_reads: list[tuple[gs.Node, ChannelAxis]] = []
+        self.count_users: set[str] = set()
 
     def unite_parts(self, parts: list[ChannelAxis], node: gs.Node,
                     reason: str = "conv groups do not carry channels in the same layout") -> bool:
