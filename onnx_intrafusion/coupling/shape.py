@@ -295,7 +295,7 @@ def _fix_stored(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, sour
 
 #: Ops between a stored shape entry and the Reshape that reads it.
 _SHAPE_CHAIN = ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Slice", "Reshape", "Mul", "Div",
-                "Add", "Sub", "Mod")
+                "Add", "Sub", "Mod", "Shape", "ConstantOfShape", "Equal", "Where")
 
 
 def _target_readers(node: gs.Node, depth: int = 0) -> set[str] | None:
