@@ -70,22 +70,24 @@ def _import_torchvision():
     return torch, torchvision
 
 
-def export(name: str, exporter: str, folder: Path, size: int) -> Path:
+def export(name: str, exporter: str, folder: Path, size: int, dynamic_batch: bool = False) -> Path:
     torch, torchvision = _import_torchvision()
     torch.manual_seed(0)
     kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    x = torch.randn(1, 3, size, size)
+    x = torch.randn(2 if dynamic_batch else 1, 3, size, size)  # torch.export specialises a batch of 1
     path = folder / f"{name}_{exporter}.onnx"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "legacy":
+            axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["logits"])
+                              input_names=["input"], output_names=["logits"], dynamic_axes=axes)
         else:
+            shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
             torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"],
-                              output_names=["logits"])
+                              output_names=["logits"], dynamic_shapes=shapes)
     return path
 
 
@@ -204,6 +206,8 @@ def markdown(rows: list[dict]) -> str:
         if "pruned" not in r:
             lines.append(f"| {r['model']} | {r['exporter']} | {r['method']} | no: {r['error']} | | | | | | | |")
             continue
+        if r.get("dynamic_batch"):
+            r = {**r, "exporter": f"{r['exporter']}, dynamic batch"}
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.get("pruned_kinds", {}).items()))
         reasons = "; ".join(f"{reason} ({n})" for reason, n in r["reasons"])
         valid = "yes" if r["valid"] else f"no: {r['error']}"
@@ -236,6 +240,8 @@ def main(argv=None) -> int:
                    help="random: also run with random calibration inputs (lifts the hidden-size block; structure "
                         "only, no recovery); results in each row's 'calibrated' record")
     p.add_argument("--calibration-samples", type=int, default=8)
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="export with a dynamic batch dimension (rows marked dynamic_batch)")
     p.add_argument("--markdown", metavar="JSON", help="print the Markdown table of a results file and exit")
     args = p.parse_args(argv)
     if args.markdown:
@@ -246,25 +252,28 @@ def main(argv=None) -> int:
     print(f"{'model':<20} {'exporter':<7} {'method':<11} {'data':<5} {'valid':<5} {'pruned':>6} {'blocked':>7} "
           f"{'w%':>5} {'params before->after':>22} {'MACs before->after':>22} {'time':>6}  top blocked reasons",
           flush=True)
+    dyn = {"dynamic_batch": True} if args.dynamic_batch else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for exporter in args.exporters:
-                old = {r.get("method"): r for r in rows if (r["model"], r["exporter"]) == (name, exporter)}
+                old = {r.get("method"): r for r in rows if (r["model"], r["exporter"]) == (name, exporter)
+                       and r.get("dynamic_batch", False) == args.dynamic_batch}
                 todo = [m for m in args.methods if m not in old or (calibrated and "calibrated" not in old[m])]
                 if not todo:
                     continue
                 size = 224 if name.startswith(FULL_SIZE) else args.size
                 try:
-                    path = export(name, exporter, Path(tmp), size)
+                    path = export(name, exporter, Path(tmp), size, args.dynamic_batch)
                 except Exception as exc:  # noqa: BLE001
-                    rows.append({"model": name, "exporter": exporter, "export_error": str(exc).splitlines()[0]})
+                    rows.append({"model": name, "exporter": exporter, **dyn,
+                                 "export_error": str(exc).splitlines()[0]})
                     print(f"{name:<20} {exporter:<7} export failed: {str(exc).splitlines()[0][:100]}", flush=True)
                     continue
                 calib = random_calibration(path, args.calibration_samples) if calibrated else None
                 for method in todo:
                     row = old.get(method)
                     if row is None:
-                        row = {"model": name, "exporter": exporter, **run_one(path, method, args.sparsity)}
+                        row = {"model": name, "exporter": exporter, **dyn, **run_one(path, method, args.sparsity)}
                         rows.append(row)
                         _print(name, exporter, method, "free", row)
                     if calibrated and "pruned" in row:

@@ -202,3 +202,48 @@ def _graph(model: onnx.ModelProto):
     from onnx_intrafusion import model_io
 
     return model_io.to_graph(model)
+
+
+# ---------------------------------------------------------------- Gather that takes every channel in order
+
+def _gather_model(indices: np.ndarray, w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
+    """x [1, T, D] @ W1 -> Relu -> mean over T -> flatten -> Gather(indices [1, C, 1, 1]) -> [1, C] @ W2.
+
+    With ``indices`` = 0..C-1 this is how dynamo writes the ``as_strided`` after an adaptive pool.
+    """
+    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+             numpy_helper.from_array(indices.astype(np.int64), "idx"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+             numpy_helper.from_array(np.array([1, C], np.int64), "two_d")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["m"], axes=[1], keepdims=0),
+             helper.make_node("Reshape", ["m", "flat"], ["f"]), helper.make_node("Gather", ["f", "idx"], ["g"], axis=0),
+             helper.make_node("Reshape", ["g", "two_d"], ["v"]), helper.make_node("MatMul", ["v", "W2"], ["y"])]
+    graph = helper.make_graph(nodes, "gather", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, D_IN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, K])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_gather_of_every_channel_in_order_removes_dead_channels_exactly():
+    model = _gather_model(np.arange(C).reshape(1, C, 1, 1), *_expand_weights())
+    result = prune(model, sparsity=len(DEAD) / C, method="prune")
+    (row,) = [g for g in result.report.groups if g.channels_before == C]
+    assert row.status == "pruned" and row.kept == LIVE
+    _valid(result.model, model)
+    x = np.random.default_rng(5).standard_normal((1, T, D_IN)).astype(np.float32)
+    np.testing.assert_allclose(run(result.model, {"x": x})["y"], run(model, {"x": x})["y"], atol=1e-5, rtol=0)
+    (gather,) = [n for n in result.model.graph.node if n.op_type == "Gather"]
+    consts = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    np.testing.assert_array_equal(consts[gather.input[1]], np.arange(len(LIVE)).reshape(1, len(LIVE), 1, 1))
+
+
+def test_gather_that_reorders_channels_stays_blocked():
+    order = np.arange(C)
+    order[[0, 1]] = order[[1, 0]]
+    analysis = coupling.analyse(_graph(_gather_model(order.reshape(1, C, 1, 1), *_expand_weights())))
+    (group,) = [g for g in analysis.groups if g.size == C]
+    assert [r for _, r in group.blocked] == ["Gather along the channel axis (or with computed indices)"]

@@ -420,12 +420,31 @@ def _gather(ctx: Context, node: gs.Node):
     if ax is None:
         return [0]
     axis = norm_axis(int(attr(node, "axis", 0)), rank) if rank is not None else None
+    if axis is not None and axis == ax.axis and _identity_gather(ctx, node, ax, axis, ival):
+        return [0]
     if axis is None or axis == ax.axis or ival is None:
         ctx.block(ax, node, "Gather along the channel axis (or with computed indices)")
         return [0]
     new_axis = ax.axis if ax.axis < axis else ax.axis - 1 + ival.ndim
     ctx.set_axis(node.outputs[0], ChannelAxis(new_axis, ax.segments))
     return [0]
+
+
+def _identity_gather(ctx: Context, node: gs.Node, ax: ChannelAxis, axis: int, ival) -> bool:
+    """A Gather that takes every channel in order along one axis of its indices (dynamo writes the
+    ``as_strided`` of an adaptive pool to ``[N, C, 1, 1]`` so): the channels move to that axis, and the
+    indices are rewritten to ``0..kept-1``."""
+    total = ctx.total(ax)
+    if ival is None or ax.outer != 1 or ax.stack is not None or ival.size != total:
+        return False
+    along = [k for k, d in enumerate(ival.shape) if d != 1]
+    if len(along) > 1 or not np.array_equal(ival.reshape(-1), np.arange(total)):
+        return False
+    k = along[0] if along else 0
+    out = ChannelAxis(axis + k, ax.segments)
+    ctx.fixes.append(AxisFix("iota", node.name, node.outputs[0].name, k))
+    ctx.set_axis(node.outputs[0], out)
+    return True
 
 
 @rule("Pad")
