@@ -13,6 +13,13 @@ with the legacy (TorchScript) exporter, opset 17, 224x224 input and a dynamic
 batch dimension, so BN is folded into the convs as users get it.
 
     python benchmarks/models.py            # exports into results/models/
+
+torchvision architectures (``TORCHVISION``, e.g. ``vit_b_16``) are exported the
+same way with random weights (no download) by a Python that has torchvision;
+torchvision is never installed into the project's environment, so export them
+once from the separate venv that benchmarks/coverage.py describes:
+
+    /work/tv-venv/bin/python benchmarks/models.py vit_b_16
 """
 
 from __future__ import annotations
@@ -26,6 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "results" / "models"
 MODELS = ("resnet50", "mobilenetv2", "vit")
+#: torchvision models (random weights), exported only where torchvision is importable: name ->
+#: (architecture, fixed batch or None for a dynamic batch axis).  torchvision's ViT exported by the
+#: legacy exporter with a dynamic batch computes its attention reshape targets from the batch size at
+#: run time, which keeps its heads unprunable; the fixed-batch export (batch 8) has constant targets.
+TORCHVISION_MODELS = {"vit_b_16": ("vit_b_16", 8), "vit_b_16_dynbatch": ("vit_b_16", None)}
+TORCHVISION = tuple(TORCHVISION_MODELS)
 
 
 def _torch():
@@ -155,6 +168,18 @@ def build(name: str, seed: int = 0):
     return model.eval()
 
 
+def _torchvision_model(name: str):
+    try:
+        import torchvision
+    except ImportError:
+        sys.exit(f"{name} is not exported yet ({CACHE / (name + '.onnx')}) and torchvision is not importable here; "
+                 f"export it once with a Python that has torchvision:\n"
+                 f"  /work/tv-venv/bin/python benchmarks/models.py {name}")
+    torch, _ = _torch()
+    torch.manual_seed(0)
+    return torchvision.models.get_model(TORCHVISION_MODELS[name][0], weights=None).eval()
+
+
 def export(name: str, out: Path | None = None) -> Path:
     """Path of the exported model, exporting it on first use."""
     out = out or CACHE / f"{name}.onnx"
@@ -162,13 +187,14 @@ def export(name: str, out: Path | None = None) -> Path:
         return out
     torch, _ = _torch()
     out.parent.mkdir(parents=True, exist_ok=True)
-    model = build(name)
+    model = _torchvision_model(name) if name in TORCHVISION else build(name)
+    batch = TORCHVISION_MODELS[name][1] if name in TORCHVISION else None
+    dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if batch is None else None
     tmp = out.with_suffix(".tmp.onnx")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(tmp), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(model, torch.randn(batch or 1, 3, 224, 224), str(tmp), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"], dynamic_axes=dynamic)
     tmp.replace(out)
     return out
 
@@ -178,5 +204,10 @@ def all_models() -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    for name, path in all_models().items():
+    names = sys.argv[1:] or MODELS
+    for name in names:
+        if name not in MODELS + TORCHVISION:
+            sys.exit(f"unknown model {name!r} (choose from {', '.join(MODELS + TORCHVISION)})")
+    for name in names:
+        path = export(name)
         print(f"{name}: {path} ({path.stat().st_size / 1e6:.1f} MB)", file=sys.stdout)

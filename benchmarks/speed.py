@@ -12,7 +12,10 @@ Runtimes (each skipped with a note when its package is missing):
   converter, high precision, CPU.  The converter is called through its
   native module: the wheel's ``mnnconvert`` script pip-installs a logging
   SDK at first run (which downgrades protobuf below what onnx needs) and
-  sends usage logs.
+  sends usage logs;
+* ``ncnn``: ncnn (the ``ncnn`` wheel), ONNX converted by pnnx (the ``pnnx``
+  wheel; ``pip install ncnn pnnx``), float32 weights and arithmetic, CPU; ncnn
+  has no batch axis, so a batch is run image by image.
 
 Two modes per batch size:
 
@@ -23,7 +26,10 @@ Two modes per batch size:
 Models are timed in interleaved rounds (orig, pruned@0.3, ..., orig, ...) so
 that load from other processes hits them alike; medians are reported.
 ``ideal`` = MACs before / after (batch 1), ``speed-up`` = original / pruned
-median, ``eff`` = speed-up / ideal.
+median, ``eff`` = speed-up / ideal; ``traffic_ratio`` = bytes read and written
+by all nodes before / after (batch 1, :func:`traffic_bytes`), ``eff-bytes`` =
+speed-up / traffic_ratio: memory-bound layers (depthwise convs, element-wise
+ops) shrink with the bytes, compute-bound ones with the MACs.
 
     python benchmarks/speed.py --quick                          # everything, short
     python benchmarks/speed.py --models resnet50 --runtimes ort --round-to 1 4 8 16 32
@@ -59,7 +65,8 @@ import models as bench_models  # noqa: E402
 
 from onnx_intrafusion import prune  # noqa: E402
 from onnx_intrafusion.model_io import save_model  # noqa: E402
-from onnx_intrafusion.report import count_macs  # noqa: E402
+from onnx_intrafusion.model_io import weightless  # noqa: E402
+from onnx_intrafusion.report import _folded, _shape_inferred, _shapes, count_macs  # noqa: E402
 
 WORK = ROOT / "results" / "speed_models"  # pruned and converted models (not committed)
 OUT = ROOT / "docs" / "results" / "speed.json"
@@ -73,7 +80,7 @@ def cores() -> int:
 
 
 def model_path(name: str) -> Path:
-    if name in bench_models.MODELS:
+    if name in bench_models.MODELS + bench_models.TORCHVISION:
         return bench_models.export(name)
     return ROOT / "samples" / f"{name}.onnx"
 
@@ -87,6 +94,37 @@ def pruned_path(name: str, src: Path, sparsity: float, round_to: str, method: st
         result = prune(src, sparsity=sparsity, method=method, round_to=rt, target="auto", validate=False)
         save_model(result.model, out)
     return out
+
+
+def traffic_bytes(model: onnx.ModelProto) -> int | None:
+    """Bytes every node reads and writes at batch 1 (activations + weights + outputs, 4 per float).
+
+    A memory-traffic proxy next to the MACs: depthwise convolutions, activations
+    and residual adds shrink only linearly with the channels, 1x1 convs
+    quadratically, so a pruned model's speed-up lies between this ratio and the
+    MACs ratio.  None when some shape is unknown.
+    """
+    def count(inferred: onnx.ModelProto | None) -> int | None:
+        if inferred is None:
+            return None
+        shapes, total = _shapes(inferred), 0
+        for node in inferred.graph.node:
+            if node.op_type in ("Shape", "Constant", "ConstantOfShape"):
+                continue
+            for t in (*node.input, *node.output):
+                if not t:
+                    continue
+                if not _known(shapes.get(t)):
+                    return None
+                total += 4 * int(np.prod(shapes[t]))
+        return total
+
+    # shapes computed from Shape ops (attention reshapes) need the folded model; that graph's nodes are counted
+    return count(_shape_inferred(weightless(model))) or count(_folded(model))
+
+
+def _known(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
 
 
 def input_spec(path: Path) -> tuple[str, list]:
@@ -163,12 +201,64 @@ def mnn_load(path: Path, batch: int, threads: int):
     return run
 
 
+def ncnn_convert(path: Path) -> tuple[Path, Path]:
+    """ONNX -> ncnn ``.param``/``.bin`` with pnnx (the ``pnnx`` wheel's converter), float32 weights."""
+    import subprocess
+    import tempfile
+
+    import pnnx
+
+    param, weights = path.with_suffix(".ncnn.param"), path.with_suffix(".ncnn.bin")
+    if param.exists() and weights.exists():
+        return param, weights
+    _, dims = input_spec(path)
+    shape = ",".join(str(1 if d is None else d) for d in dims)
+    with tempfile.TemporaryDirectory(prefix="pnnx-") as tmp:
+        t = Path(tmp)
+        side = {k: t / f"m.{k}" for k in ("pnnxparam", "pnnxbin", "pnnxpy", "pnnxonnx", "ncnnpy")}
+        cmd = [pnnx.EXEC_PATH, str(path), f"inputshape=[{shape}]", "fp16=0", f"ncnnparam={t / 'm.param'}",
+               f"ncnnbin={t / 'm.bin'}", *(f"{k}={v}" for k, v in side.items())]
+        done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0 or not (t / "m.param").exists():
+            raise RuntimeError(f"pnnx failed: {(done.stderr or done.stdout).strip()[-300:]}")
+        (t / "m.bin").replace(weights)
+        (t / "m.param").replace(param)
+    return param, weights
+
+
+def ncnn_load(path: Path, batch: int, threads: int):
+    """ncnn (CPU, float32 storage and arithmetic): one image per extractor, as ncnn has no batch axis."""
+    import ncnn
+
+    param, weights = ncnn_convert(path)
+    net = ncnn.Net()
+    for flag in ("use_vulkan_compute", "use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic",
+                 "use_bf16_storage"):
+        setattr(net.opt, flag, False)
+    net.opt.num_threads = threads
+    if net.load_param(str(param)) != 0 or net.load_model(str(weights)) != 0:
+        raise RuntimeError("ncnn cannot load the converted model")
+
+    def run(x):
+        outs = []
+        for image in x:
+            ex = net.create_extractor()
+            ex.input("in0", ncnn.Mat(np.ascontiguousarray(image)))
+            _, out = ex.extract("out0")
+            outs.append(np.array(out))
+        return outs
+
+    run.keep = net  # the extractors need the net alive
+    return run
+
+
 RUNTIMES = {
     "ort": ort_loader("CPUExecutionProvider"),
     "ort-cuda": ort_loader("CUDAExecutionProvider"),
     "ort-trt": ort_loader("TensorrtExecutionProvider"),
     "openvino": openvino_load,
     "mnn": mnn_load,
+    "ncnn": ncnn_load,
 }
 
 
@@ -201,32 +291,35 @@ def markdown(rows: list[dict], by_round_to: bool) -> str:
     keys = sorted({(r["model"], r["mode"], r["batch"], str(r["round_to"]), r["sparsity"]) for r in rows},
                   key=lambda k: (k[0], k[1], k[2], int(k[3]) if k[3].isdigit() else 0, k[4]))
     first = "round-to | " if by_round_to else ""
-    head = (f"| model | mode | batch | {first}sparsity | MACs ratio | "
-            + " | ".join(f"{rt} ms orig -> pruned | {rt} speed-up (eff)" for rt in runtimes) + " |")
+    head = (f"| model | mode | batch | {first}sparsity | MACs ratio | bytes ratio | "
+            + " | ".join(f"{rt} ms orig -> pruned | {rt} speed-up (eff, eff-bytes)" for rt in runtimes) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for model, mode, batch, rt_, sparsity in keys:
-        cells, ideal = [], None
+        cells, ideal, traffic = [], None, None
         for rt in runtimes:
             row = next((r for r in rows if (r["model"], r["mode"], r["batch"], str(r["round_to"]), r["sparsity"], r["runtime"])
                         == (model, mode, batch, rt_, sparsity, rt)), None)
             if row is None:
                 cells += ["-", "-"]
                 continue
-            ideal = row["ideal_speedup"]
+            ideal, traffic = row["ideal_speedup"], row.get("traffic_ratio")
             if "error" in row:
                 cells += ["fails to load", "-"]
             else:
+                by_bytes = f", {row['speedup'] / traffic:.2f}" if traffic else ""
                 cells += [f"{row['orig_ms']:.1f} -> {row['pruned_ms']:.1f}",
-                          f"{row['speedup']:.2f}x ({row['efficiency']:.2f})"]
+                          f"{row['speedup']:.2f}x ({row['efficiency']:.2f}{by_bytes})"]
         first = f"{rt_} | " if by_round_to else ""
-        lines.append(f"| {model} | {mode} | {batch} | {first}{sparsity} | {ideal:.2f} | " + " | ".join(cells) + " |")
+        tr = "-" if traffic is None else f"{traffic:.2f}"
+        lines.append(f"| {model} | {mode} | {batch} | {first}{sparsity} | {ideal:.2f} | {tr} | " + " | ".join(cells)
+                     + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(bench_models.MODELS))
-    p.add_argument("--runtimes", nargs="+", default=["ort", "openvino", "mnn"], choices=list(RUNTIMES))
+    p.add_argument("--runtimes", nargs="+", default=["ort", "openvino", "mnn", "ncnn"], choices=list(RUNTIMES))
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     p.add_argument("--round-to", nargs="+", default=["default"], help="variants: default (= --target auto) or N")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
@@ -255,7 +348,7 @@ def main(argv=None) -> int:
                              threads=args.threads, argv=sys.argv[1:] if argv is None else argv,
                              load_start=os.getloadavg(), started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
     versions = {}
-    for mod in ("onnxruntime", "openvino", "MNN"):
+    for mod in ("onnxruntime", "openvino", "MNN", "ncnn", "pnnx"):
         try:
             versions[mod] = getattr(__import__(mod), "__version__", "installed")
         except ImportError:
@@ -277,6 +370,8 @@ def main(argv=None) -> int:
         macs0 = count_macs(onnx.load(str(src)))
         variants = {(s, r): pruned_path(name, src, s, r, args.method) for r in args.round_to for s in args.sparsities}
         macs = {v: count_macs(onnx.load(str(path))) for v, path in variants.items()}
+        bytes0 = traffic_bytes(onnx.load(str(src)))
+        traffic = {v: traffic_bytes(onnx.load(str(path))) for v, path in variants.items()}
         for runtime in args.runtimes:
             for batch in args.batches:
                 for mode in args.mode:
@@ -309,7 +404,10 @@ def main(argv=None) -> int:
                         ideal = macs0 / macs[v]
                         row = dict(model=name, runtime=runtime, mode=mode, threads=threads, batch=batch, sparsity=s,
                                    round_to=r, method=args.method, macs_before=macs0, macs_after=macs[v],
-                                   ideal_speedup=ideal, orig_ms=orig * 1e3, runs=len(times["orig"]))
+                                   ideal_speedup=ideal, orig_ms=orig * 1e3, runs=len(times["orig"]),
+                                   bytes_before=bytes0, bytes_after=traffic[v],
+                                   traffic_ratio=bytes0 / traffic[v] if bytes0 and traffic[v] else None,
+                                   measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
                         if v in errors:
                             row.update(error=errors[v])
                             print(f"{name:<12} {runtime:<9} {mode:>4} {batch:>5} {r:>8} {s:>8} pruned model "

@@ -7,9 +7,13 @@ Models (samples/transformers, see samples/README.md):
 
 For each model, each pruning kind (``heads``: ``head_sparsity=S``; ``ffn``:
 ``ffn_sparsity=S``; ``both``: both at ``S``; every other group kind at
-sparsity 0), each ``S`` in ``--sparsities`` and each recovery (``none``:
+sparsity 0; ``global`` / ``sensitivity``: ``allocation=`` that, ``S`` = the
+fraction of the MACs removed, every kind competing for it; the sensitivity
+analysis is measured once per model with lstsq and reused by its rows), each
+``S`` in ``--sparsities`` and each recovery of ``KIND_RECOVERIES`` (``none``:
 data-free; ``lstsq``: least squares on ``--calibration`` unlabelled samples
-from the TRAINING split, with the tool's own held-back never-worse check),
+from the TRAINING split, with the tool's own held-back never-worse check;
+``distill``: lstsq then 10 epochs of distillation, needs torch),
 one ``onnx_intrafusion.prune`` run (l1 importance, default methods: heads are
 dropped, FFN neurons merged with Intra-Fusion, ``target="none"`` = exact
 counts).  Top-1 accuracy of the written model on the full test split with
@@ -17,12 +21,14 @@ onnxruntime, MACs before/after from the report, prune wall time and the
 report's ``recovery_model`` record (whole-model distortion on held-back
 calibration samples before/after recovery, and which one was kept).
 
-    OMP_NUM_THREADS=1 python benchmarks/transformers.py           # 24 rows, a few minutes
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py           # 24 rows per model, ~10 minutes each
+    OMP_NUM_THREADS=1 python benchmarks/transformers.py --kinds both,global   # a subset of the kinds
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --quick   # S=0.5, 256 samples, test subsets
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --models vit_dynamo,textenc_dynamo   # the dynamo exports
     OMP_NUM_THREADS=1 python benchmarks/transformers.py --hidden  # with/without the hidden size at equal MACs
 
-Writes docs/results/transformers.json (``--quick``: transformers_quick.json)
+Writes docs/results/transformers.json (``--quick``: transformers_quick.json; without ``--quick`` also
+the plot docs/transformers.png)
 after every row; a rerun skips rows already in the file with the same
 settings (``--fresh`` starts over).
 """
@@ -33,6 +39,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -54,9 +61,13 @@ from onnx_intrafusion import prune  # noqa: E402
 from onnx_intrafusion.errors import NothingToPrune  # noqa: E402
 
 MODELS = ("vit_legacy", "textenc_legacy")
-KINDS = ("heads", "ffn", "both")
+KINDS = ("heads", "ffn", "both", "global", "sensitivity")
 SPARSITIES = (0.3, 0.5)
-RECOVERIES = ("none", "lstsq")
+RECOVERIES = ("none", "lstsq", "distill")
+#: Recoveries measured per kind: distillation (torch) only where it is compared across allocations;
+#: the sensitivity allocation needs calibration data, so it has no data-free row.
+KIND_RECOVERIES = {"heads": ("none", "lstsq"), "ffn": ("none", "lstsq"), "both": ("none", "lstsq", "distill"),
+                   "global": ("none", "lstsq", "distill"), "sensitivity": ("lstsq", "distill")}
 SAMPLES = ROOT / "samples" / "transformers"
 OUT = ROOT / "docs" / "results"
 
@@ -91,6 +102,8 @@ def accuracy(model: onnx.ModelProto | str, feeds: dict, y: np.ndarray, batch: in
 
 
 def kind_options(kind: str, s: float) -> dict:
+    if kind in ("global", "sensitivity"):  # every kind allocated together: S = fraction of the MACs removed
+        return {"other_sparsity": s, "allocation": kind}
     return {"other_sparsity": 0.0,
             "head_sparsity": s if kind in ("heads", "both") else 0.0,
             "ffn_sparsity": s if kind in ("ffn", "both") else 0.0}
@@ -112,12 +125,15 @@ def group_summary(report: dict) -> dict:
     return out
 
 
-def run_row(model: str, kind: str, s: float, recover: str, calib: dict | None, test) -> dict:
+def run_row(model: str, kind: str, s: float, recover: str, calib: dict | None, test,
+            analysis_file: Path | None = None) -> dict:
     row = {"model": model, "kind": kind, "sparsity": s, "recover": recover, **kind_options(kind, s)}
     opts = kind_options(kind, s)
     kwargs = dict(sparsity=opts.pop("other_sparsity"), **opts, target="none")
     if recover != "none":
         kwargs.update(calibration=calib, recover=recover)
+    if kind == "sensitivity":  # one analysis per model (measured with lstsq), shared by its rows
+        kwargs.update(workers=1, sensitivity=str(analysis_file))
     return measure(model, row, kwargs, test)
 
 
@@ -152,6 +168,9 @@ def measure(model: str, row: dict, kwargs: dict, test) -> dict:
         groups=group_summary(rep), recovery_model=rep.get("recovery_model"),
         warnings=sorted({str(w.message) for w in caught}),
     )
+    for key in ("sensitivity", "distill"):
+        if rep.get(key):
+            row[key] = rep[key]
     return row
 
 
@@ -161,8 +180,49 @@ def fmt_row(r: dict, base: float) -> str:
         return f"{head} {r['status']}: {(r.get('reason') or r.get('error', ''))[:90]}"
     rm = r.get("recovery_model") or {}
     kept = f"{rm['kept']} ({rm['before']:.3g}->{rm['after']:.3g})" if rm else "-"
+    if r.get("distill"):
+        kept += f", distill ->{r['distill']['held_back_after']:.3g}"
+    per_kind = " ".join(f"{k} {g['after']}/{g['before']}" for k, g in r["groups"].items() if g["pruned"])
     return (f"{head} {100 * r['accuracy']:6.2f} {100 * (r['accuracy'] - base):+6.2f} "
-            f"{100 * r['mac_reduction']:6.1f}% {r['seconds']:7.1f}s  {kept}")
+            f"{100 * r['mac_reduction']:6.1f}% {r['seconds']:7.1f}s  {kept}  [{per_kind}]")
+
+
+#: Plotted series: (kind, recover) -> (label, style).
+PLOTTED = {("both", "none"): ("uniform, data-free", "C0:"), ("both", "lstsq"): ("uniform, lstsq", "C0--"),
+           ("both", "distill"): ("uniform, distill", "C0-"), ("global", "none"): ("global, data-free", "C1:"),
+           ("global", "lstsq"): ("global, lstsq", "C1--"), ("global", "distill"): ("global, distill", "C1-"),
+           ("sensitivity", "lstsq"): ("sensitivity, lstsq", "C2--"),
+           ("sensitivity", "distill"): ("sensitivity, distill", "C2-")}
+
+
+def plot(data: dict, path: Path, models=("vit_legacy", "textenc_legacy")) -> None:
+    """Accuracy against the fraction of MACs removed, one panel per model, one line per allocation x recovery,
+    with the targets (at most 1.0 / 2.5 points lost at 30% / 50% fewer MACs) as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in models if m in data["baseline"]]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        base = 100 * data["baseline"][model]["accuracy"]
+        ax.axhline(base, color="grey", lw=0.8)
+        ax.plot([30, 50], [base - 1.0, base - 2.5], "kx", ms=8, label="target (max. loss)")
+        for (kind, recover), (label, style) in PLOTTED.items():
+            rows = sorted((r for r in data["rows"] if r["model"] == model and r["kind"] == kind
+                           and r["recover"] == recover and r["status"] == "ok"), key=lambda r: r["sparsity"])
+            if rows:
+                pts = [(0.0, base)] + [(100 * r["mac_reduction"], 100 * r["accuracy"]) for r in rows]
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=label)
+        ax.set_title(f"{model} (unpruned {base:.2f}%)")
+        ax.set_xlabel("MACs removed (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def load_results(out: Path, settings: dict, fresh: bool) -> dict:
@@ -263,6 +323,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", default=None, help="comma-separated (default 0.3,0.5)")
     ap.add_argument("--calibration", type=int, default=None, help="calibration samples (default 1024)")
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
     args = ap.parse_args(argv)
     if args.hidden:
         return hidden_main(args)
@@ -293,19 +354,22 @@ def main(argv=None) -> int:
         base = data["baseline"][model]["accuracy"]
         print(f"{model:<15} {'-':<6} {0:>4} {'-':<6} {100 * base:6.2f}  (unpruned, {len(test[1])} test samples)")
         calib = None
-        for kind in KINDS:
+        analysis_file = Path(tempfile.mkdtemp()) / f"{model}_sensitivity.json"
+        for kind in args.kinds.split(","):
             for s in sparsities:
-                for recover in RECOVERIES:
+                for recover in KIND_RECOVERIES[kind]:
                     key = (model, kind, s, recover)
                     if key in done:
                         row = next(r for r in data["rows"] if (r["model"], r["kind"], r["sparsity"], r["recover"]) == key)
                     else:
                         if recover != "none" and calib is None:
                             calib = calibration_arrays(model, n_calib, split="train")
-                        row = run_row(model, kind, s, recover, calib, test)
+                        row = run_row(model, kind, s, recover, calib, test, analysis_file)
                         data["rows"].append(row)
                         save()
                     print(fmt_row(row, base), flush=True)
+    if not args.quick:
+        plot(data, ROOT / "docs" / "transformers.png")
     print(f"wrote {out.relative_to(ROOT)}")
     return 0
 

@@ -382,22 +382,32 @@ class _Layer:
     selected: dict[int, tuple] = field(default_factory=dict)  # batch -> (rows or positions, target rows, out hw)
     rng: np.random.Generator | None = None
 
+    def __post_init__(self):
+        # A 0/1 selection map (plain pruning, target "kept") picks columns: stored targets are only the
+        # kept columns (half the memory at 0.5) and need no float64 product with the map.
+        self.cols = _selected_columns(self.out_map)
+
+    def _targets(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.cols is None else rows[:, self.cols]
+
     def select(self, b: int, y: np.ndarray, feed: dict, per_image: int, masks: list[str]) -> None:
         """Choose and store this batch's target rows (batches come in order: any schedule picks the same rows)."""
         rng = self.rng
         if self.lin.kind == "Conv":
             positions = y.shape[2] * y.shape[3]
             pos = None if per_image >= positions else np.sort(rng.choice(positions, per_image, replace=False))
-            self.selected[b] = (pos, recovery.conv_targets(y, pos), y.shape[2:])
+            self.selected[b] = (pos, self._targets(recovery.conv_targets(y, pos)), y.shape[2:])
             return
         rows = _valid_rows(y, feed, masks)
-        cap = per_image * y.shape[0]
+        # images in this batch from the feed, not y.shape[0]: sequence-first layouts ([tokens, batch,
+        # features], as nn.MultiheadAttention exports) would otherwise lift the cap tokens/batch-fold
+        cap = per_image * next(iter(feed.values())).shape[0]
         count = y.size // y.shape[-1] if rows is None else len(rows)
         if count > cap:
             pick = np.sort(rng.choice(count, cap, replace=False))
             rows = pick if rows is None else rows[pick]
         flat = y.reshape(-1, y.shape[-1])
-        self.selected[b] = (rows, flat if rows is None else flat[rows], None)
+        self.selected[b] = (rows, self._targets(flat if rows is None else flat[rows]), None)
 
     def add(self, b: int, x: np.ndarray, held: bool) -> None:
         rows, yr, out_hw = self.selected.pop(b)
@@ -406,11 +416,29 @@ class _Layer:
         else:
             xr = x.reshape(-1, 1, x.shape[-1])
             xr = xr if rows is None else xr[rows]
-        t = yr.astype(np.float64) if self.out_map is None else yr.astype(np.float64) @ self.out_map.T
+        t = yr.astype(np.float64)
+        if self.out_map is not None and self.cols is None:
+            t = t @ self.out_map.T
         (self.held if held else self.fit).add(xr, t.reshape(t.shape[0], self.lin.groups, -1))
 
     def target_bytes(self, rows: int) -> int:
+        if self.cols is not None:
+            return rows * len(self.cols) * 4
         return rows * (self.out_map.shape[1] if self.out_map is not None else self.lin.out_channels) * 4
+
+
+def _selected_columns(out_map: np.ndarray | None) -> np.ndarray | None:
+    """The column of the single 1 in each row of a 0/1 selection map; None for any other map.
+
+    Gathering these columns gives exactly ``t @ out_map.T`` (each output is one input times 1 plus zeros).
+    """
+    if out_map is None:
+        return None
+    nonzero = out_map != 0
+    if not np.all(nonzero.sum(axis=1) == 1):
+        return None
+    cols = nonzero.argmax(axis=1)
+    return cols if np.all(out_map[np.arange(len(cols)), cols] == 1.0) else None
 
 
 def _valid_rows(y: np.ndarray, feed: dict, masks: list[str]) -> np.ndarray | None:

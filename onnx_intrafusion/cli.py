@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--calibration: activation = mean |activation|, taylor = |activation x gradient| of a "
                    "label-free loss, prospr = meta-gradient of channel masks through a few SGD steps "
                    "(ProsPr); taylor and prospr need the torch extra")
-    kinds = p.add_argument_group("transformers: per group kind (uniform allocation)")
+    kinds = p.add_argument_group("transformers: per group kind (with --global or --allocation sensitivity "
+                                 "the kind is fixed at this sparsity and the other kinds reach the MAC target)")
     kinds.add_argument("--head-sparsity", type=float, default=None, metavar="S",
                        help="fraction of the attention heads removed in every attention (default --sparsity)")
     kinds.add_argument("--ffn-sparsity", type=float, default=None, metavar="S",

@@ -59,7 +59,9 @@ class Options:
 
     sparsity: float = 0.5
     method: str = "intrafusion"
-    # Per group kind (see coupling.KINDS), with uniform allocation: overrides of sparsity and method
+    # Per group kind (see coupling.KINDS): overrides of sparsity and method.  With --global or
+    # --allocation sensitivity a kind's sparsity is fixed (uniform within the kind, not allocated) and
+    # the allocation reaches the MAC target for the whole model with the other kinds.
     head_sparsity: float | None = None
     ffn_sparsity: float | None = None
     # The residual width (kind "hidden", needs calibration data).  Default 0 = off: at equal MACs with
@@ -132,9 +134,6 @@ class Options:
                             ("hidden-sparsity", self.hidden_sparsity)):
             if value is not None:
                 _number(value, name, 0.0, 1.0, high_open=True)
-                if self.allocation == "global":
-                    raise UsageError(f"--{name} only applies to uniform allocation (--global ranks every kind "
-                                     f"of group together under one --sparsity)")
         if self.hidden_sparsity is not None and self.hidden_sparsity != 0 and not has_calibration:
             raise UsageError("--hidden-sparsity needs calibration data (--calibration FILE.npz): a LayerNorm over "
                              "the hidden size changes its statistics, which only the least-squares re-fit repairs")

@@ -87,12 +87,25 @@ def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
 def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
                  seed: int = 0, selected: set[int] | None = None, target: str = "macs",
                  max_group_sparsity: float = 0.9, round_to: int = 1,
-                 given_scores: dict[int, np.ndarray] | None = None) -> dict[int, int]:
-    """Channels kept per group under global allocation (see :mod:`allocation`)."""
-    todo = analysis.prunable(selected)
+                 given_scores: dict[int, np.ndarray] | None = None,
+                 kind_sparsity: dict[str, float] | None = None) -> dict[int, int]:
+    """Channels kept per group under global allocation (see :mod:`allocation`).
+
+    Groups of a kind in ``kind_sparsity`` keep that kind's uniform count and
+    are not ranked; the others are ranked to reach the target for the whole model.
+    """
+    fixed = _fixed_keeps(analysis, selected, kind_sparsity, round_to)
+    todo = [g for g in analysis.prunable(selected) if g.id not in fixed]
     scores = {g.id: _scores(g, _group_rows(g, values)[0], importance, seed, given_scores) for g in todo}
     macs = allocation_mod.node_macs(graph, analysis) if target == "macs" else None
-    return allocation_mod.global_keeps(analysis, scores, sparsity, macs, target, max_group_sparsity, round_to)
+    return allocation_mod.global_keeps(analysis, scores, sparsity, macs, target, max_group_sparsity, round_to, fixed)
+
+
+def _fixed_keeps(analysis: Analysis, selected: set[int] | None, kind_sparsity: dict[str, float] | None,
+                 round_to: int) -> dict[int, int]:
+    """Channels kept by the groups whose kind has its own sparsity (uniform within the kind)."""
+    return {g.id: plans.keep_count(g.size, kind_sparsity[g.kind], allocation_mod.multiple(g, round_to))
+            for g in analysis.prunable(selected) if g.kind in (kind_sparsity or {})}
 
 
 def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, method: str,
@@ -117,10 +130,8 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
-            # A head group counts heads, each head_dim channels wide: the channel multiple is not
-            # applied to the head count.
-            multiple = 1 if group.kind == "head" else round_to
-            keep = (plans.keep_count(group.size, group_sparsity, multiple) if keeps is None
+            keep = (plans.keep_count(group.size, group_sparsity, allocation_mod.multiple(group, round_to))
+                    if keeps is None
                     else keeps.get(group.id, group.size))
             if keep == group.size:
                 steps.advance()
@@ -160,13 +171,17 @@ def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: d
                           stacklevel=3)
         return table, f"read from {source}"
 
+    # Groups of a kind with its own sparsity (the hidden size: 0 unless given) are not allocated: not measured.
+    fixed = _fixed_keeps(analysis, selected, opts.kind_sparsity(), opts.round_to or 1)
+    allocated = [g.id for g in analysis.prunable(selected) if g.id not in fixed]
+
     def plan(gid: int, keep: int) -> plans.ChannelMap:
         return plan_groups(analysis, values, 0.0, opts.method, opts.importance, opts.seed, {gid},
                            opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform",
                            keeps={gid: keep}, given_scores=given_scores)[gid]
 
     table = sensitivity_mod.analyse(
-        original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=selected,
+        original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=allocated,
         round_to=opts.round_to, recover="lstsq" if opts.recover == "distill" else opts.recover,  # no fine-tuning per run
         recover_alpha=opts.recover_alpha or 1e-3,
         ewr_eps=opts.ewr_eps or 0.05, seed=opts.seed, workers=opts.workers, ray_address=opts.ray_address,
@@ -180,19 +195,24 @@ def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: d
 
 
 def sensitivity_keeps(graph, analysis: Analysis, table: sensitivity_mod.Sensitivity, sparsity: float,
-                      selected: set[int] | None, max_group_sparsity: float, round_to: int
+                      selected: set[int] | None, max_group_sparsity: float, round_to: int,
+                      kind_sparsity: dict[str, float] | None = None
                       ) -> tuple[dict[int, int], dict[int, float], bool]:
-    """Channels kept per group under the sensitivity allocation (see :mod:`allocation`)."""
+    """Channels kept per group under the sensitivity allocation (see :mod:`allocation`).
+
+    Groups of a kind in ``kind_sparsity`` keep that kind's uniform count (as in :func:`global_keeps`).
+    """
+    fixed = _fixed_keeps(analysis, selected, kind_sparsity, round_to)
     measured = table.by_id()
     curves = {gid: measured[gid].curve() for gid in measured
               if gid < len(analysis.groups) and analysis.groups[gid].prunable
               and analysis.groups[gid].size == measured[gid].channels and (selected is None or gid in selected)}
-    missing = [g.id for g in analysis.prunable(selected) if g.id not in curves]
+    missing = [g.id for g in analysis.prunable(selected) if g.id not in curves and g.id not in fixed]
     if missing:
         warnings.warn(PruneWarning(f"{len(missing)} prunable group(s) have no sensitivity measurement and are "
                                    f"left unpruned (e.g. group {missing[0]})"), stacklevel=3)
     return allocation_mod.sensitivity_keeps(analysis, curves, sparsity, allocation_mod.node_macs(graph, analysis),
-                                            max_group_sparsity, round_to)
+                                            max_group_sparsity, round_to, fixed=fixed)
 
 
 def _warn_custom_ops(graph, analysis: Analysis) -> None:
@@ -268,7 +288,10 @@ def prune(
     removing ``sparsity`` of every group: ``sparsity`` of the MACs
     (``global_target="macs"``) or of the prunable channels (``"channels"``)
     is removed, no group losing more than ``max_group_sparsity`` of its
-    channels (see :mod:`onnx_intrafusion.allocation`).  ``target``
+    channels (see :mod:`onnx_intrafusion.allocation`).  ``head_sparsity`` /
+    ``ffn_sparsity`` set the sparsity of one group kind of a transformer;
+    with global or sensitivity allocation that kind is fixed at it and the
+    other kinds are allocated to reach ``sparsity`` of the whole model's MACs.  ``target``
     (auto/ort-cpu/ort-cuda/openvino/tflite/ncnn/mnn/none) makes every pruned
     group keep a multiple of the channels that runtime's fast kernels need
     (:mod:`onnx_intrafusion.deploy`; ``round_to`` overrides it; the library
@@ -360,10 +383,11 @@ def prune(
         keeps = None
         if opts.allocation == "global":
             keeps = global_keeps(graph, analysis, values, opts.sparsity, opts.importance, opts.seed, selected,
-                                 opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores)
+                                 opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores,
+                                 opts.kind_sparsity())
         elif opts.allocation == "sensitivity":
             keeps, predicted, met = sensitivity_keeps(graph, analysis, table, opts.sparsity, selected,
-                                                      opts.max_group_sparsity, opts.round_to)
+                                                      opts.max_group_sparsity, opts.round_to, opts.kind_sparsity())
             if not met:
                 warnings.warn(PruneWarning(
                     f"sparsity {opts.sparsity:g} of the MACs cannot be removed within the measured levels "

@@ -195,6 +195,7 @@ class Report:
             "params": {"before": self.params_before, "after": self.params_after},
             "macs": {"before": self.macs_before, "after": self.macs_after,
                      **({"unknown_because": self.macs_note} if self.macs_note else {})},
+            "kinds": self.kinds(),
             "groups": [vars(g) for g in self.groups],
             "timings_s": self.timings,
             "validation": self.validation,
@@ -207,6 +208,21 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def kinds(self) -> dict[str, dict]:
+        """Per group kind (channel, head, ffn, hidden): groups, groups pruned, channels before and after.
+
+        A head group counts heads, so ``head`` totals are heads (each head_dim channels wide).
+        """
+        out: dict[str, dict] = {}
+        for g in self.groups:
+            k = out.setdefault(g.kind, {"groups": 0, "pruned": 0, "blocked": 0, "before": 0, "after": 0})
+            k["groups"] += 1
+            k["pruned"] += g.status == "pruned"
+            k["blocked"] += g.status == "blocked"
+            k["before"] += g.channels_before
+            k["after"] += g.channels_after
+        return out
 
     @property
     def pruned_groups(self) -> list[GroupRow]:
@@ -228,6 +244,12 @@ class Report:
             lines.append(f"MACs    {self.macs_before:>14,} -> {self.macs_after:>14,}  "
                          f"({_ratio(self.macs_after, self.macs_before)})")
         lines.append(f"groups  {len(self.pruned_groups)} pruned, {len(self.blocked_groups)} blocked, {len(self.groups)} total")
+        kinds = self.kinds()
+        if set(kinds) != {"channel"}:  # a transformer: kept/total per kind (heads count heads)
+            unit = {"head": "heads", "ffn": "neurons"}
+            lines.append("kinds   " + ", ".join(f"{kind} {k['after']}/{k['before']} {unit.get(kind, 'channels')} "
+                                                 f"({k['pruned']}/{k['groups']} groups pruned)"
+                                                 for kind, k in kinds.items()))
         lines.append("")
         lines.append(f"{'group':>5}  {'channels':>11}  {'status':<9} producers / reason")
         for g in self.groups[:max_rows]:

@@ -436,7 +436,7 @@ def analyse(original: onnx.ModelProto, graph: gs.Graph, analysis: Analysis, plan
     for g in todo:
         row = GroupSensitivity(g.id, g.size, g.origin)
         for lv in levels:
-            keep = keep_count(g.size, lv, round_to)
+            keep = keep_count(g.size, lv, allocation.multiple(g, round_to))
             if keep == g.size:
                 continue
             if (g.id, keep) not in index:

@@ -155,7 +155,11 @@ def test_per_kind_sparsity_and_method_from_the_command_line(tmp_path_factory, tm
     assert (rows["ffn"]["channels_before"], rows["ffn"]["channels_after"]) == (2 * am.D, 48)
     assert_valid(onnx.load(str(out)), original)
     assert main([path, str(tmp_path / "x.onnx"), "--head-sparsity", "1.5", "--quiet"]) != 0
-    assert main([path, str(tmp_path / "x.onnx"), "--global", "--ffn-sparsity", "0.2", "--quiet"]) != 0
+    # With --global a per-kind sparsity fixes that kind; the other kinds are allocated.
+    assert main([path, str(tmp_path / "g.onnx"), "--global", "--sparsity", "0.3", "--ffn-sparsity", "0.25",
+                 "--target", "none", "--report", str(report), "--quiet"]) == 0
+    rows = {r["kind"]: r for r in json.loads(report.read_text())["groups"]}
+    assert (rows["ffn"]["channels_before"], rows["ffn"]["channels_after"]) == (2 * am.D, 48)
 
 
 def _fused_attention_model(op: str) -> onnx.ModelProto:
