@@ -1,4 +1,5 @@
-"""Expand on the residual stream: a class token broadcast to a dynamic batch, and a channel-carrying Expand.
+"""Rules that open the residual stream of vit_b_16/swin_t: Expand (a class token broadcast to a dynamic
+batch, a channel-carrying Expand) and a Gather that takes every channel in order (dynamo's as_strided).
 
 Oracles built by the tests, not by the tool:
 
@@ -9,7 +10,9 @@ Oracles built by the tests, not by the tool:
   LayerNorm over fewer channels computes other statistics, so the reference is
   the same module built by hand with those channels sliced out of every weight;
 * hand-built ONNX graphs that Expand a channel-carrying tensor to a shape
-  computed at run time: dead channels removed leave the outputs unchanged.
+  computed at run time, or Gather every channel in order: dead channels
+  removed leave the outputs unchanged; a run-time channel entry or a
+  reordering Gather stays blocked.
 
 Every written model passes onnx.checker, strict shape inference and runs in
 onnxruntime at two batch sizes.
@@ -26,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import io_signature, run
 
-from onnx_intrafusion import coupling, prune
+from onnx_intrafusion import coupling, model_io, prune
 
 C, T, D_IN, K = 16, 5, 6, 3
 DEAD = [2, 7, 9, 13]
@@ -199,8 +202,6 @@ def test_expand_with_a_channel_entry_read_at_run_time_stays_blocked():
 
 
 def _graph(model: onnx.ModelProto):
-    from onnx_intrafusion import model_io
-
     return model_io.to_graph(model)
 
 
