@@ -87,9 +87,11 @@ class AxisFix:
 
     ``kind`` is ``"shape"`` (entry ``index`` of the shape constant of node
     ``node``), ``"group"`` (the ``group`` attribute of a depthwise Conv),
-    ``"split"`` (the split sizes of a Split: one size per entry of ``parts``)
-    or ``"slice"`` (entry ``index`` of a Slice's starts/ends: ``parts`` is
-    (segments before the slice, segments kept by the slice)).
+    ``"split"`` (the split sizes of a Split: one size per entry of ``parts``),
+    ``"slice"`` (entry ``index`` of a Slice's starts/ends: ``parts`` is
+    (segments before the slice, segments kept by the slice)) or ``"iota"``
+    (the indices of a Gather that takes every channel in order: ``0..n-1``
+    along axis ``index`` of the indices).
     """
 
     kind: str
