@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
-from google.protobuf.message import DecodeError
 
 from .errors import ModelError, OutputError, ValidationError
 
