@@ -45,13 +45,22 @@ from onnx_intrafusion.errors import UserError  # noqa: E402
 MODELS = [
     "resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
     "densenet121", "shufflenet_v2_x1_0", "squeezenet1_1", "regnet_x_400mf", "googlenet",
-    "resnext50_32x4d", "convnext_tiny", "mnasnet1_0", "vit_b_16", "swin_t",
+    "resnext50_32x4d", "convnext_tiny", "mnasnet1_0", "vit_b_16", "swin_t", "maxvit_t",
+    "bert_base", "distilbert_base",
 ]
+#: text encoders from ``transformers`` (random weights from the default config = bert-base / distilbert-base
+#: sizes, never downloaded): name -> (config class, model class, graph inputs); exported with a dynamic batch
+#: and sequence axis and run at TEXT_SEQUENCE tokens
+TEXT_MODELS = {
+    "bert_base": ("BertConfig", "BertForSequenceClassification", ("input_ids", "attention_mask", "token_type_ids")),
+    "distilbert_base": ("DistilBertConfig", "DistilBertForSequenceClassification", ("input_ids", "attention_mask")),
+}
+TEXT_SEQUENCE = 128
 EXPORTERS = ("legacy", "dynamo")
 METHODS = ("intrafusion", "prune")
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 # exported at 224x224: vit/vgg have fixed-size layers, swin is run at the size its windows were designed for
-FULL_SIZE = ("vit", "vgg", "swin")
+FULL_SIZE = ("vit", "vgg", "swin", "maxvit")
 
 
 def _import_torchvision():
@@ -70,7 +79,50 @@ def _import_torchvision():
     return torch, torchvision
 
 
+def _import_transformers():
+    """The ``transformers`` library, not benchmarks/transformers.py (this script's folder is on sys.path)."""
+    import importlib
+
+    here = Path(__file__).resolve().parent
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != here]
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        sys.exit("transformers is missing: /work/tv-venv/bin/pip install transformers (the benchmark venv only)")
+    finally:
+        sys.path[:] = saved
+
+
+def export_text(name: str, exporter: str, folder: Path) -> Path:
+    """A ``transformers`` encoder with random weights, inputs int64 [batch, sequence] (both axes dynamic)."""
+    torch, _ = _import_torchvision()
+    transformers = _import_transformers()
+    config_cls, model_cls, names = TEXT_MODELS[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(attn_implementation="eager")
+    model = getattr(transformers, model_cls)(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))[:len(names)]
+    path = folder / f"{name}_{exporter}.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "legacy":
+            axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
+            torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, input_names=list(names),
+                              output_names=["logits"], dynamic_axes=axes)
+        else:
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=config.max_position_embeddings)
+            torch.onnx.export(model, (), str(path), kwargs=dict(zip(names, args)), dynamo=True,
+                              input_names=list(names), output_names=["logits"],
+                              dynamic_shapes={n: {0: batch, 1: seq} for n in names})
+    return path
+
+
 def export(name: str, exporter: str, folder: Path, size: int, dynamic_batch: bool = False) -> Path:
+    if name in TEXT_MODELS:
+        return export_text(name, exporter, folder)
     torch, torchvision = _import_torchvision()
     torch.manual_seed(0)
     kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
@@ -109,18 +161,72 @@ def weight_coverage(path: Path, report) -> float:
     return 100.0 * covered / total if total else 0.0
 
 
-def random_calibration(path: Path, samples: int) -> dict[str, np.ndarray]:
-    """``samples`` standard-normal inputs per graph input (dynamic dims at 1): structure only, no accuracy."""
-    model = onnx.load(str(path), load_external_data=False)
-    rng = np.random.default_rng(0)
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer graph inputs that index a constant table (an embedding ``Gather``, possibly through
+    Cast/Unsqueeze/Reshape/Add of other int tensors), mapped to the smallest such table's row count:
+    random ids must stay below it.  Read from the graph, not from input names."""
+    init = {t.name: t for t in model.graph.initializer}
+    rows = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims:
+            rows[node.output[0]] = node.attribute[0].t.dims[0]
+    ints = {i.name for i in model.graph.input if i.name not in init
+            and i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in rows:
+            continue
+        # which int inputs reach the indices through value-preserving ops
+        stack, seen = [node.input[1]], set()
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in ints:
+                bounds[t] = min(bounds.get(t, rows[node.input[0]]), rows[node.input[0]])
+            n = producer.get(t)
+            if n is not None and n.op_type in ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten"):
+                stack.append(n.input[0])
+    return bounds
+
+
+def random_inputs(model: onnx.ModelProto, rng: np.random.Generator, dims_of) -> dict[str, np.ndarray]:
+    """One random array per graph input: standard-normal floats; integer inputs that index a table are
+    drawn below its row count; other integer inputs (attention masks) are 0/1 with the first position 1."""
     init = {t.name for t in model.graph.initializer}
+    bounds = index_bounds(model)
     arrays = {}
     for inp in model.graph.input:
         if inp.name in init:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in inp.type.tensor_type.shape.dim]
-        arrays[inp.name] = rng.standard_normal([samples, *dims[1:]]).astype(np.float32)
+        dims = dims_of(inp)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            arrays[inp.name] = rng.standard_normal(dims).astype(dtype)
+        elif inp.name in bounds:
+            arrays[inp.name] = rng.integers(0, bounds[inp.name], dims).astype(dtype)
+        else:
+            mask = rng.integers(0, 2, dims).astype(dtype)
+            if mask.ndim >= 2:
+                mask[:, 0] = 1
+            arrays[inp.name] = mask
     return arrays
+
+
+def _input_dims(inp, batch: int) -> list[int]:
+    """A graph input's dims: the first dynamic one is ``batch``, a dynamic sequence axis TEXT_SEQUENCE."""
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inp.type.tensor_type.shape.dim]
+    if dims and dims[0] == -1:
+        dims[0] = batch
+    return [TEXT_SEQUENCE if d == -1 else d for d in dims]
+
+
+def random_calibration(path: Path, samples: int) -> dict[str, np.ndarray]:
+    """``samples`` random inputs per graph input (see :func:`random_inputs`): structure only, no accuracy."""
+    model = onnx.load(str(path), load_external_data=False)
+    return random_inputs(model, np.random.default_rng(0), lambda inp: [samples, *_input_dims(inp, 1)[1:]])
 
 
 def check_valid(model: onnx.ModelProto) -> str | None:
@@ -134,12 +240,7 @@ def check_valid(model: onnx.ModelProto) -> str | None:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         dynamic = any(not isinstance(inp.shape[0], int) for inp in sess.get_inputs() if inp.shape)
         for batch in (1, 3) if dynamic else (1,):
-            feeds = {}
-            for inp in sess.get_inputs():
-                dims = [d if isinstance(d, int) else 1 for d in inp.shape]
-                if dims and not isinstance(inp.shape[0], int):
-                    dims[0] = batch
-                feeds[inp.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+            feeds = random_inputs(model, np.random.default_rng(0), lambda inp: _input_dims(inp, batch))
             outs = sess.run(None, feeds)
             if not all(np.all(np.isfinite(o)) for o in outs):
                 return f"non-finite output at batch {batch}"

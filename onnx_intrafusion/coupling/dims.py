@@ -101,7 +101,7 @@ def _named(d) -> bool:
 #: Ops whose output has the shape of their (broadcast) data inputs.
 _SAME_SHAPE = frozenset(
     "Add Sub Mul Div Pow Where Relu Gelu Sigmoid Tanh Erf Exp Log Sqrt Neg Abs Cast Identity Dropout Softmax "
-    "LogSoftmax Clip LayerNormalization".split())
+    "LogSoftmax Clip LayerNormalization And Or Xor Not Equal Less Greater LessOrEqual GreaterOrEqual".split())
 
 #: Derivations stop this many producers back (the unknown dims of attention blocks are local).
 _MAX_DEPTH = 24
@@ -173,6 +173,15 @@ def _derived(ctx: Context, tensor: gs.Tensor, depth: int) -> list[int | None] | 
         if a is None or b is None or len(a) < 2 or len(b) < 2:
             return None
         return [*_broadcast([a[:-2], b[:-2]]), a[-2], b[-1]] if len(a) > 2 or len(b) > 2 else [a[-2], b[-1]]
+    if op == "Expand":
+        # numpy broadcast of the data with the target; a target entry of 1 keeps the data's size
+        x, entries = d(0), shape_entries(ctx, node.inputs[1])
+        if x is None or entries is None:
+            return None
+        rank = max(len(x), len(entries))
+        x = [1] * (rank - len(x)) + list(x)
+        target = [1] * (rank - len(entries)) + [value(ctx, e) for e in entries]
+        return [a if t == 1 else (t if a == 1 else (a if a == t else None)) for a, t in zip(x, target)]
     if op in ("Concat", "Slice", "Gather", "Squeeze", "Unsqueeze"):
         return _moved(ctx, node, [d(i) for i in range(len(node.inputs))])
     if op == "Gemm":
@@ -204,11 +213,13 @@ def _moved(ctx: Context, node: gs.Node, ins: list) -> list[int | None] | None:
             out[a] = len(range(*slice(start, end, step).indices(x[a]))) if fixed(x[a]) else None
         return out
     if node.op == "Gather":
+        # constant indices, or indices read at run time (token ids looked up in an embedding table)
         idx = ctx.const(node.inputs[1])
-        if idx is None:
+        ishape = list(idx.shape) if idx is not None else ins[1]
+        if ishape is None:
             return None
         axis = norm_axis(int(attr(node, "axis", 0)), rank)
-        return [*x[:axis], *idx.shape, *x[axis + 1:]]
+        return [*x[:axis], *ishape, *x[axis + 1:]]
     axes = attr(node, "axes")
     if axes is None and len(node.inputs) > 1:
         val = ctx.const(node.inputs[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from .dims import dims
 from .spaces import PARAM, ChannelAxis, Context
 from .rules import rule
 
@@ -63,12 +64,20 @@ def _elementwise_constant(ctx: Context, node: gs.Node, ax: ChannelAxis, tensor: 
     pos = ax.axis - (out_rank - len(shape))
     if pos < 0 or shape[pos] == 1:
         return
+    if not isinstance(shape[pos], int) and _derived_one(ctx, tensor, pos):
+        return  # e.g. an attention mask Expand-ed to [batch, 1, q, k] by a target computed at run time
     if ctx.const(tensor) is not None and shape[pos] == ctx.total(ax) and ax.outer == 1:
         ctx.add_members(ax, PARAM, tensor, node, axis=pos)
         return
     if _expanded_constant(ctx, node, ax, tensor, len(shape), pos):
         return
     ctx.block(ax, node, f"element-wise operand '{tensor.name}' has its own values along the channel axis")
+
+
+def _derived_one(ctx: Context, tensor: gs.Tensor, pos: int) -> bool:
+    """Dim ``pos`` of ``tensor``, unknown to shape inference, is 1 as derived from its producers."""
+    d = dims(ctx, tensor)
+    return d is not None and d[pos] == 1
 
 
 def _expanded_constant(ctx: Context, node: gs.Node, ax: ChannelAxis, tensor: gs.Tensor, rank: int, pos: int) -> bool:
