@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from .rules import attr, norm_axis, slice_params
@@ -66,6 +67,7 @@ class _Symbols:
 
     def __init__(self):
         self._by_name: dict[str, int] = {}
+        self._caps: dict[int, int] = {}
         self._last = BOUND
         self._lock = threading.Lock()
 
@@ -75,6 +77,16 @@ class _Symbols:
             n += 1
         self._last = n
         return n
+
+    def capped(self, base: int) -> int:
+        """A fresh symbol for ``min(base, n)`` (a prefix of length ``base`` cut from a table of n rows)."""
+        with self._lock:
+            p = self._fresh()
+            self._caps[p] = base
+            return p
+
+    def cap_of(self, d: int) -> int | None:
+        return self._caps.get(d)
 
     def of(self, name: str | None) -> int:
         with self._lock:
@@ -101,7 +113,7 @@ def _named(d) -> bool:
 #: Ops whose output has the shape of their (broadcast) data inputs.
 _SAME_SHAPE = frozenset(
     "Add Sub Mul Div Pow Where Relu Gelu Sigmoid Tanh Erf Exp Log Sqrt Neg Abs Cast Identity Dropout Softmax "
-    "LogSoftmax Clip LayerNormalization And Or Xor Not Equal Less Greater LessOrEqual GreaterOrEqual".split())
+    "LogSoftmax Clip LayerNormalization Max Min And Or Xor Not Equal Less Greater LessOrEqual GreaterOrEqual".split())
 
 #: Derivations stop this many producers back (the unknown dims of attention blocks are local).
 _MAX_DEPTH = 24
@@ -140,6 +152,8 @@ def _broadcast(shapes: list[list[int]]) -> list[int | None]:
     out: list[int | None] = []
     for i in range(rank):
         ds = {s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0} - {1}
+        # min(T, n) broadcast with T: a run that succeeds has min(T, n) in (1, T), so the result is T
+        ds = {d for d in ds if _SYMBOLS.cap_of(d) not in ds}
         out.append(ds.pop() if len(ds) == 1 else (1 if not ds else None))
     return out
 
@@ -173,6 +187,19 @@ def _derived(ctx: Context, tensor: gs.Tensor, depth: int) -> list[int | None] | 
         if a is None or b is None or len(a) < 2 or len(b) < 2:
             return None
         return [*_broadcast([a[:-2], b[:-2]]), a[-2], b[-1]] if len(a) > 2 or len(b) > 2 else [a[-2], b[-1]]
+    if op == "GatherND" and not int(attr(node, "batch_dims", 0)):
+        x, idx = d(0), d(1)
+        if x is None or idx is None or not idx or not fixed(idx[-1]):
+            return None
+        return [*idx[:-1], *x[idx[-1]:]]
+    if op == "Range":
+        # range(0, n, 1): n elements, n a run-time read (a mask index over the sequence)
+        start, step = ctx.const(node.inputs[0]), ctx.const(node.inputs[2])
+        limit = shape_entries(ctx, node.inputs[1])
+        if start is None or step is None or start.size != 1 or step.size != 1 or limit is None or len(limit) != 1:
+            return None
+        n = value(ctx, limit[0])
+        return [n] if int(start.reshape(-1)[0]) == 0 and int(step.reshape(-1)[0]) == 1 and n is not None else None
     if op == "Expand":
         # numpy broadcast of the data with the target; a target entry of 1 keeps the data's size
         x, entries = d(0), shape_entries(ctx, node.inputs[1])
@@ -206,7 +233,7 @@ def _moved(ctx: Context, node: gs.Node, ins: list) -> list[int | None] | None:
     if node.op == "Slice":
         params = slice_params(ctx, node)
         if params is None:
-            return None
+            return _prefix_slice(ctx, node, x)
         out: list[int | None] = list(x)
         for start, end, axis, step in zip(*params):
             a = norm_axis(axis, rank)
@@ -233,6 +260,28 @@ def _moved(ctx: Context, node: gs.Node, ins: list) -> list[int | None] | None:
     added = {norm_axis(int(a), out_rank) for a in axes}
     rest = iter(x)
     return [1 if i in added else next(rest) for i in range(out_rank)]
+
+
+def _prefix_slice(ctx: Context, node: gs.Node, x: list) -> list[int | None] | None:
+    """``x[..., :end]`` with ``end`` read at run time (position ids cut from a constant buffer to the
+    sequence length): the sliced dim is ``end`` when the input has that size, else ``min(end, n)``."""
+    rank = len(x)
+    starts = ctx.const(node.inputs[1]) if len(node.inputs) > 1 else None
+    axes = ctx.const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else np.arange(rank)
+    steps = ctx.const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
+    ends = shape_entries(ctx, node.inputs[2]) if len(node.inputs) > 2 else None
+    if starts is None or axes is None or ends is None or starts.any() or (steps is not None and (steps != 1).any()):
+        return None
+    out: list[int | None] = list(x)
+    for a, e in zip(axes.reshape(-1).tolist(), ends):
+        a, v = norm_axis(int(a), rank), value(ctx, e)
+        if v is None or v < 0:
+            return None
+        if fixed(v) and fixed(x[a]):
+            out[a] = min(v, x[a])
+        elif v != x[a]:
+            out[a] = _SYMBOLS.capped(v) if not fixed(v) else None
+    return out
 
 
 class Entry(int):
