@@ -19,14 +19,16 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import assert_valid, run
+from conftest import io_signature, run
 from onnx_intrafusion import coupling, model_io, prune
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-VOCAB, TYPES, POSITIONS, D, HEADS, FFN, TOKENS = 50, 2, 16, 32, 4, 64, 7
-DEAD = (1, 3)
+VOCAB, TYPES, POSITIONS, D, HEADS, FFN, TOKENS = 50, 2, 40, 32, 4, 64, 7  # validation runs 32 tokens
+DEAD = (1, 3)  # heads with zero output-projection columns
+DEAD_FFN = tuple(range(0, FFN, 2))  # FFN neurons with zero output columns (and small input rows)
+DEAD_POOL = tuple(range(1, D, 2))  # pooler neurons the classifier does not read
 
 
 class TextEncoder(nn.Module):
@@ -63,12 +65,21 @@ class TextEncoder(nn.Module):
         return self.cls(torch.tanh(self.pool(x[:, 0])))
 
 
-def encoder(dead=DEAD) -> TextEncoder:
+def encoder() -> TextEncoder:
+    """Dead heads, FFN neurons and pooler neurons: they contribute nothing to the logits, and their
+    remaining weights are scaled down so that every magnitude criterion ranks them last."""
     torch.manual_seed(0)
     m = TextEncoder().eval()
     with torch.no_grad():
-        for h in dead:
-            m.o.weight[:, h * m.hd:(h + 1) * m.hd] = 0.0
+        for h in DEAD:
+            cols = slice(h * m.hd, (h + 1) * m.hd)
+            m.o.weight[:, cols] = 0.0
+            for lin in (m.q, m.k, m.v):
+                lin.weight[cols] *= 0.01
+        m.f2.weight[:, list(DEAD_FFN)] = 0.0
+        m.f1.weight[list(DEAD_FFN)] *= 0.01
+        m.cls.weight[:, list(DEAD_POOL)] = 0.0
+        m.pool.weight[list(DEAD_POOL)] *= 0.01
     return m
 
 
@@ -111,3 +122,74 @@ def exported(tmp_path_factory, exporter: str) -> tuple[str, onnx.ModelProto]:
 
 def groups(path: str) -> list[coupling.Group]:
     return coupling.analyse(model_io.to_graph(model_io.load_model(path).model)).groups
+
+
+def assert_valid(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """conftest's contract with integer token inputs: checker, strict shape inference, same signature, runs."""
+    onnx.checker.check_model(pruned, full_check=True)
+    onnx.shape_inference.infer_shapes(pruned, strict_mode=True)
+    assert io_signature(pruned) == io_signature(original)
+    f = feeds(2, TOKENS, 4)
+    assert np.all(np.isfinite(run(pruned, f)["logits"]))
+
+
+def by_kind(path: str) -> dict[str, list[coupling.Group]]:
+    out: dict[str, list[coupling.Group]] = {}
+    for g in groups(path):
+        out.setdefault(g.kind, []).append(g)
+    return out
+
+
+def assert_same_logits(pruned: onnx.ModelProto, original: onnx.ModelProto, atol: float = 1e-5) -> None:
+    # batch and length differ from the export's, down to one token and up to the position table's size
+    for batch, tokens, seed in ((3, TOKENS, 1), (1, 1, 2), (2, POSITIONS, 3)):
+        f = feeds(batch, tokens, seed)
+        np.testing.assert_allclose(run(pruned, f)["logits"], run(original, f)["logits"], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_mask_position_ids_and_pooler_leave_every_group_prunable(tmp_path_factory, exporter):
+    # the mask is Expand-ed to a shape computed at run time and the position ids are cut to the sequence
+    # length at run time: the analysis must still see the mask broadcast over the heads
+    path, _ = exported(tmp_path_factory, exporter)
+    kinds = by_kind(path)
+    assert [(g.size, g.blocked) for g in kinds["head"]] == [(HEADS, [])]
+    assert [(g.size, g.blocked) for g in kinds["ffn"]] == [(FFN, [])]
+    (hidden,) = kinds["hidden"]
+    assert hidden.needs_data  # LayerNorm over the hidden size: only with calibration data
+    pooler = [g for g in kinds["channel"] if g.prunable]
+    assert [g.size for g in pooler] == [D]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_dead_heads_ffn_and_pooler_neurons_are_removed_exactly(tmp_path_factory, exporter):
+    path, original = exported(tmp_path_factory, exporter)
+    result = prune(path, sparsity=0.5, method="prune")
+    assert_valid(result.model, original)
+    kept = {r.kind: r.kept for r in result.report.pruned_groups}
+    assert kept["head"] == [h for h in range(HEADS) if h not in DEAD]
+    assert kept["ffn"] == [n for n in range(FFN) if n not in DEAD_FFN]
+    assert kept["channel"] == [n for n in range(D) if n not in DEAD_POOL]
+    assert_same_logits(result.model, original)
+
+
+def test_sparsity_zero_changes_nothing(tmp_path_factory):
+    path, original = exported(tmp_path_factory, "legacy")
+    result = prune(path, sparsity=0.0, method="prune", allow_unchanged=True)
+    assert_valid(result.model, original)
+    # the written graph has static shape computations folded: onnxruntime may round in the last bit
+    assert_same_logits(result.model, original, atol=1e-6)
+
+
+def test_hidden_size_with_calibration_gives_a_valid_model(tmp_path_factory):
+    path, original = exported(tmp_path_factory, "dynamo")
+    calibration = {k: np.concatenate([feeds(8, TOKENS, s)[k] for s in (5, 6)]) for k in NAMES}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few calibration samples: structure only
+        result = prune(path, sparsity=0.5, method="prune", calibration=calibration, hidden_sparsity=0.5,
+                       recover="none")
+    assert_valid(result.model, original)
+    hidden = [r for r in result.report.pruned_groups if r.kind == "hidden"]
+    assert [(r.channels_before, r.channels_after) for r in hidden] == [(D, D // 2)]
+    f = feeds(3, 5, 9)
+    assert run(result.model, f)["logits"].shape == run(original, f)["logits"].shape
