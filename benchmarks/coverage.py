@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnx_intrafusion import model_io, prune  # noqa: E402
 from onnx_intrafusion.errors import UserError  # noqa: E402
+from onnx_intrafusion.validate import index_bounds  # noqa: E402
 
 MODELS = [
     "resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
@@ -159,37 +160,6 @@ def weight_coverage(path: Path, report) -> float:
         if node.name in in_pruned:
             covered += n
     return 100.0 * covered / total if total else 0.0
-
-
-def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """Integer graph inputs that index a constant table (an embedding ``Gather``, possibly through
-    Cast/Unsqueeze/Reshape/Add of other int tensors), mapped to the smallest such table's row count:
-    random ids must stay below it.  Read from the graph, not from input names."""
-    init = {t.name: t for t in model.graph.initializer}
-    rows = {t.name: t.dims[0] for t in model.graph.initializer if t.dims}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.dims:
-            rows[node.output[0]] = node.attribute[0].t.dims[0]
-    ints = {i.name for i in model.graph.input if i.name not in init
-            and i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    bounds: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or node.input[0] not in rows:
-            continue
-        # which int inputs reach the indices through value-preserving ops
-        stack, seen = [node.input[1]], set()
-        while stack:
-            t = stack.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            if t in ints:
-                bounds[t] = min(bounds.get(t, rows[node.input[0]]), rows[node.input[0]])
-            n = producer.get(t)
-            if n is not None and n.op_type in ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten"):
-                stack.append(n.input[0])
-    return bounds
 
 
 def random_inputs(model: onnx.ModelProto, rng: np.random.Generator, dims_of) -> dict[str, np.ndarray]:

@@ -101,17 +101,52 @@ def check_provider(provider: str) -> None:
         )
 
 
+def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer graph inputs that index a constant table (an embedding ``Gather``, possibly through
+    Cast/Unsqueeze/Squeeze/Reshape/Flatten), mapped to the smallest such table's size along the gathered
+    axis: random ids must stay below it.  Read from the graph, not from input names."""
+    tables = {t.name: list(t.dims) for t in model.graph.initializer if t.dims}
+    tables |= {n.output[0]: list(n.attribute[0].t.dims) for n in model.graph.node
+               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" and n.attribute[0].t.dims}
+    ints = {i.name for i in model.graph.input if i.name not in tables
+            and i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    bounds: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in tables:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        shape = tables[node.input[0]]
+        size = shape[axis]
+        stack, seen = [node.input[1]], set()
+        while stack:  # the int inputs that reach the indices through value-preserving ops
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in ints:
+                bounds[t] = min(bounds.get(t, size), size)
+            n = producer.get(t)
+            if n is not None and n.op_type in ("Cast", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten"):
+                stack.append(n.input[0])
+    return bounds
+
+
 def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = VALIDATION_SAMPLES) -> dict[str, np.ndarray]:
-    """Reproducible inputs for every graph input (normal floats, zero integers).
+    """Reproducible inputs for every graph input: normal floats; integers that index a constant table
+    (token ids, see :func:`index_bounds`) drawn below its row count; other integers zero.
 
     ``batch`` fills a dynamic first dimension; a fixed one is kept.
     """
     rng = np.random.default_rng(seed)
+    bounds = index_bounds(model)
     feeds = {}
     for name, (dims, elem_type) in concrete_input_shapes(model, batch=batch).items():
         dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(dims).astype(dtype)
+        elif name in bounds:
+            feeds[name] = rng.integers(0, bounds[name], dims).astype(dtype)
         else:
             feeds[name] = np.zeros(dims, dtype=dtype)
     return feeds

@@ -193,3 +193,15 @@ def test_hidden_size_with_calibration_gives_a_valid_model(tmp_path_factory):
     assert [(r.channels_before, r.channels_after) for r in hidden] == [(D, D // 2)]
     f = feeds(3, 5, 9)
     assert run(result.model, f)["logits"].shape == run(original, f)["logits"].shape
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_random_validation_inputs_index_inside_the_embedding_tables(tmp_path_factory, exporter):
+    from onnx_intrafusion.validate import index_bounds, random_feeds
+
+    _, original = exported(tmp_path_factory, exporter)
+    assert index_bounds(original) == {"input_ids": VOCAB, "token_type_ids": TYPES}  # the mask indexes nothing
+    f = random_feeds(original, seed=0, batch=64)
+    assert 0 <= f["input_ids"].min() and f["input_ids"].max() < VOCAB and len(np.unique(f["input_ids"])) > TYPES
+    assert set(np.unique(f["token_type_ids"])) == {0, 1}
+    assert np.all(np.isfinite(run(original, f)["logits"]))
