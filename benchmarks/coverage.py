@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Coverage benchmark: can the tool prune real torchvision architectures?
+"""Coverage benchmark: can the tool prune real torchvision architectures and ``transformers`` text encoders?
 
 For every model: export with random weights (both torch exporters), prune at
 ``--sparsity`` with both methods, and print one row per (model, exporter,
@@ -15,6 +15,7 @@ virtual environment (large, about 5.5 GB)::
     /work/tv-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 onnx onnxscript onnxruntime \
         onnx-graphsurgeon pot numpy
     /work/tv-venv/bin/pip install -e . --no-deps
+    /work/tv-venv/bin/pip install transformers                 # for bert_base, distilbert_base (no download)
     /work/tv-venv/bin/python benchmarks/coverage.py            # all models
     /work/tv-venv/bin/python benchmarks/coverage.py --models resnet18 vit_b_16
 """
