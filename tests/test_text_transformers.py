@@ -2,8 +2,9 @@
 
 The block has what a BERT export carries around its attention: token ids looked up in an embedding
 table, position ids sliced from a constant buffer, an embeddings sum with LayerNorm, an attention mask
-turned into ``(1 - mask) * min_float`` and Expand-ed to ``[batch, 1, query, key]`` by a shape computed
-at run time (then broadcast over the heads), GELU written as Erf arithmetic and a pooler (Linear +
+turned into ``(1 - mask) * min_float`` (form ``arith``) or indexed with arange tensors and turned into
+``Where(keep, 0, min_float)`` (form ``index``, as transformers' masking utilities do), Expand-ed to
+``[batch, 1, query, key]`` by a shape computed at run time (then broadcast over the heads), GELU written as Erf arithmetic and a pooler (Linear +
 Tanh on the first token).  Oracles do not use the pruning code: heads whose output-projection
 columns are zero are removed exactly and the outputs do not change.
 """
@@ -34,8 +35,9 @@ DEAD_POOL = tuple(range(1, D, 2))  # pooler neurons the classifier does not read
 class TextEncoder(nn.Module):
     """One BERT layer with embeddings, mask arithmetic, Erf GELU and a pooler."""
 
-    def __init__(self):
+    def __init__(self, form: str = "arith"):
         super().__init__()
+        self.form = form
         self.words, self.types = nn.Embedding(VOCAB, D), nn.Embedding(TYPES, D)
         self.positions = nn.Embedding(POSITIONS, D)
         self.register_buffer("position_ids", torch.arange(POSITIONS).unsqueeze(0))
@@ -53,8 +55,14 @@ class TextEncoder(nn.Module):
         b, s = input_ids.shape
         pos = self.position_ids[:, :s]
         x = self.ln0(self.words(input_ids) + self.types(token_type_ids) + self.positions(pos))
-        mask = attention_mask[:, None, None, :].to(x.dtype).expand(b, 1, s, s)
-        mask = (1.0 - mask) * torch.finfo(x.dtype).min
+        if self.form == "arith":  # BERT's extended mask
+            mask = attention_mask[:, None, None, :].to(x.dtype).expand(b, 1, s, s)
+            mask = (1.0 - mask) * torch.finfo(x.dtype).min
+        else:  # transformers' masking utilities: the padding mask indexed by arange tensors, then Where
+            rows = torch.arange(b)[:, None, None, None]
+            keys, queries = torch.arange(s)[None, None, None, :], torch.arange(s)[None, None, :, None]
+            keep = attention_mask.bool()[rows, keys] & (queries >= 0)
+            mask = torch.where(keep.expand(b, -1, s, s), 0.0, torch.finfo(x.dtype).min)
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.hd) + mask
         a = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, s, -1)
@@ -65,11 +73,11 @@ class TextEncoder(nn.Module):
         return self.cls(torch.tanh(self.pool(x[:, 0])))
 
 
-def encoder() -> TextEncoder:
+def encoder(form: str = "arith") -> TextEncoder:
     """Dead heads, FFN neurons and pooler neurons: they contribute nothing to the logits, and their
     remaining weights are scaled down so that every magnitude criterion ranks them last."""
     torch.manual_seed(0)
-    m = TextEncoder().eval()
+    m = TextEncoder(form).eval()
     with torch.no_grad():
         for h in DEAD:
             cols = slice(h * m.hd, (h + 1) * m.hd)
@@ -113,11 +121,11 @@ def export(model, path, exporter: str) -> str:
 _CACHE: dict = {}
 
 
-def exported(tmp_path_factory, exporter: str) -> tuple[str, onnx.ModelProto]:
-    if exporter not in _CACHE:
-        path = export(encoder(), tmp_path_factory.mktemp("text") / f"{exporter}.onnx", exporter)
-        _CACHE[exporter] = (path, onnx.load(path))
-    return _CACHE[exporter]
+def exported(tmp_path_factory, exporter: str, form: str = "arith") -> tuple[str, onnx.ModelProto]:
+    if (exporter, form) not in _CACHE:
+        path = export(encoder(form), tmp_path_factory.mktemp("text") / f"{form}_{exporter}.onnx", exporter)
+        _CACHE[exporter, form] = (path, onnx.load(path))
+    return _CACHE[exporter, form]
 
 
 def groups(path: str) -> list[coupling.Group]:
@@ -147,11 +155,15 @@ def assert_same_logits(pruned: onnx.ModelProto, original: onnx.ModelProto, atol:
         np.testing.assert_allclose(run(pruned, f)["logits"], run(original, f)["logits"], atol=atol, rtol=0)
 
 
+FORMS = ("arith", "index")
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_mask_position_ids_and_pooler_leave_every_group_prunable(tmp_path_factory, exporter):
+def test_mask_position_ids_and_pooler_leave_every_group_prunable(tmp_path_factory, exporter, form):
     # the mask is Expand-ed to a shape computed at run time and the position ids are cut to the sequence
     # length at run time: the analysis must still see the mask broadcast over the heads
-    path, _ = exported(tmp_path_factory, exporter)
+    path, _ = exported(tmp_path_factory, exporter, form)
     kinds = by_kind(path)
     assert [(g.size, g.blocked) for g in kinds["head"]] == [(HEADS, [])]
     assert [(g.size, g.blocked) for g in kinds["ffn"]] == [(FFN, [])]
@@ -161,9 +173,10 @@ def test_mask_position_ids_and_pooler_leave_every_group_prunable(tmp_path_factor
     assert [g.size for g in pooler] == [D]
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_dead_heads_ffn_and_pooler_neurons_are_removed_exactly(tmp_path_factory, exporter):
-    path, original = exported(tmp_path_factory, exporter)
+def test_dead_heads_ffn_and_pooler_neurons_are_removed_exactly(tmp_path_factory, exporter, form):
+    path, original = exported(tmp_path_factory, exporter, form)
     result = prune(path, sparsity=0.5, method="prune")
     assert_valid(result.model, original)
     kept = {r.kind: r.kept for r in result.report.pruned_groups}
