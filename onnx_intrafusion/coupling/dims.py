@@ -10,7 +10,9 @@ shape inference could not name, one computed from a run-time read) stands for
 a distinct prime above :data:`BOUND`.  Products of dimensions are then
 compared and divided exactly (unique factorisation): ``B * 4`` equals ``4 *
 B`` and nothing else, and no real size (below :data:`BOUND`) is ever divisible
-by a symbol.  :func:`fixed` tells sizes known at analysis time from symbolic ones.
+by a symbol.  :func:`fixed` tells sizes known at analysis time from symbolic ones.  A prefix cut to a
+run-time length ``T`` from a dimension of another size (position ids sliced to the sequence length)
+is ``min(T, n)``: a fresh symbol that broadcasting against ``T`` resolves to ``T``.
 
 :func:`shape_entries` evaluates a computed shape vector entry by entry: a
 stored constant (:class:`Entry`, which the rewrite can edit where it is
@@ -199,7 +201,8 @@ def _derived(ctx: Context, tensor: gs.Tensor, depth: int) -> list[int | None] | 
         if start is None or step is None or start.size != 1 or step.size != 1 or limit is None or len(limit) != 1:
             return None
         n = value(ctx, limit[0])
-        return [n] if int(start.reshape(-1)[0]) == 0 and int(step.reshape(-1)[0]) == 1 and n is not None else None
+        ok = int(start.reshape(-1)[0]) == 0 and int(step.reshape(-1)[0]) == 1 and n is not None and n >= 0
+        return [n] if ok else None
     if op == "Expand":
         # numpy broadcast of the data with the target; a target entry of 1 keeps the data's size
         x, entries = d(0), shape_entries(ctx, node.inputs[1])
