@@ -544,7 +544,8 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
             feeds: list[dict], mode: str, *, holdback: list[dict] | None = None,
             alpha: float = recovery.DEFAULT_ALPHA, eps: float = recovery.DEFAULT_EWR_EPS,
             max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0, target: str = "kept",
-            memory_budget: int | None = None, one_at_a_time: bool = False, check_layers: bool = True,
+            memory_budget: int | None = None, one_at_a_time: bool = False, store_targets: bool = False,
+            check_layers: bool = True,
             progress: Progress | None = None) -> RecoveryResult:
     """Re-solve, in place in ``graph`` (already rewritten by the maps), every pruned or downstream linear layer.
 
@@ -569,8 +570,9 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
     tensors the next slices start from are kept while they fit in
     ``memory_budget`` bytes (default: a quarter of the available memory).
     When the original's do not, the target rows of as many layers as fit
-    come from one whole pass and are stored.  ``one_at_a_time`` solves one
-    layer per pass over the whole graphs instead (a reference for tests).
+    come from one whole pass and are stored (``store_targets`` does so from
+    the start).  ``one_at_a_time`` solves one layer per pass over the whole
+    graphs instead (both are references for tests).
     """
     maps = {gid: m for gid, m in maps.items() if not m.is_identity}
     if mode == "none" or not maps or not feeds:
@@ -614,6 +616,7 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
 
     runner = _Runner(batches, lambda: budget_total - stored_bytes() - targets.cache_bytes(), cache=not one_at_a_time)
     targets = _Runner(batches, lambda: budget_total - stored_bytes() - runner.cache_bytes(), cache=not one_at_a_time)
+    targets.dropped = store_targets
     undo = _Undo()
     results: list[LayerRecovery] = []
     done = 0
