@@ -386,15 +386,25 @@ class _Layer:
     target: str  # tensor whose original value is the target: the node's output or its bias Add's
     fit_bias: bool
     out_map: np.ndarray | None
-    fit: recovery.Stats
-    held: recovery.Stats
+    fit: recovery.Stats | None  # made by ``stats`` when the layer's wave starts: the Gram matrices of all
+    held: recovery.Stats | None  # layers at once would take gigabytes on a transformer
     selected: dict[int, tuple] = field(default_factory=dict)  # batch -> (rows or positions, target rows, out hw)
     rng: np.random.Generator | None = None
+    stats: Callable[[], tuple[recovery.Stats, recovery.Stats]] | None = None  # makes (fit, held)
+
+    def open(self) -> None:
+        if self.fit is None:
+            self.fit, self.held = self.stats()
+
+    def close(self) -> None:
+        self.fit = self.held = None
 
     def __post_init__(self):
         # A 0/1 selection map (plain pruning, target "kept") picks columns: stored targets are only the
         # kept columns (half the memory at 0.5) and need no float64 product with the map.
         self.cols = _selected_columns(self.out_map)
+        if self.cols is not None:
+            self.out_map = None  # (kept x all) float64, tens of MB per wide layer: the columns say the same
 
     def _targets(self, rows: np.ndarray) -> np.ndarray:
         return rows if self.cols is None else rows[:, self.cols]
@@ -487,8 +497,13 @@ def _make_layer(index: int, node: gs.Node, analysis: Analysis, maps: dict, sizes
     out_map = None if out_axis is None else recovery.output_map(out_axis.segments, analysis.space_group, maps, sizes)
     fit_bias = node.op != "MatMul" or fused is not None
     args = (lin.groups, lin.weight.shape[1], lin.weight.shape[2])
-    fit = recovery.Stats(*args, fit_bias=fit_bias, keep_rows=recovery.EWR_ROWS if mode == "ewr" else 0, seed=seed)
-    return _Layer(index, node, lin, bias, target, fit_bias, out_map, fit, recovery.Stats(*args, fit_bias=fit_bias))
+
+    def stats() -> tuple[recovery.Stats, recovery.Stats]:
+        keep = recovery.EWR_ROWS if mode == "ewr" else 0
+        return (recovery.Stats(*args, fit_bias=fit_bias, keep_rows=keep, seed=seed),
+                recovery.Stats(*args, fit_bias=fit_bias))
+
+    return _Layer(index, node, lin, bias, target, fit_bias, out_map, None, None, stats=stats)
 
 
 def _write(layer: _Layer, new: np.ndarray) -> None:
@@ -629,6 +644,8 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
             _collect_targets(original, batches, missing, pending, stored, budget_total, rows, per_image, masks)
             missing = []
         model = model_io.to_model(graph, original, infer=False)
+        for layer in wave:
+            layer.open()
         with _one_blas_thread():
             for b, xs, ys in _lockstep(runner.run(model, [l.node.inputs[0].name for l in wave]),
                                        targets.run(original, [l.target for l in missing]) if missing else None):
@@ -640,6 +657,7 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
             if layer in stored:
                 stored.remove(layer)
             results.append(_solve(layer, mode, alpha, eps, undo, check_layers))
+            layer.close()
         done += len(wave)
         if progress:
             progress(f"  recovered {done} layers")
