@@ -70,22 +70,24 @@ def _import_torchvision():
     return torch, torchvision
 
 
-def export(name: str, exporter: str, folder: Path, size: int) -> Path:
+def export(name: str, exporter: str, folder: Path, size: int, dynamic_batch: bool = False) -> Path:
     torch, torchvision = _import_torchvision()
     torch.manual_seed(0)
     kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    x = torch.randn(1, 3, size, size)
+    x = torch.randn(2 if dynamic_batch else 1, 3, size, size)  # torch.export specialises a batch of 1
     path = folder / f"{name}_{exporter}.onnx"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "legacy":
+            axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
-                              input_names=["input"], output_names=["logits"])
+                              input_names=["input"], output_names=["logits"], dynamic_axes=axes)
         else:
+            shapes = {"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None
             torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"],
-                              output_names=["logits"])
+                              output_names=["logits"], dynamic_shapes=shapes)
     return path
 
 
@@ -107,11 +109,53 @@ def weight_coverage(path: Path, report) -> float:
     return 100.0 * covered / total if total else 0.0
 
 
-def run_one(path: Path, method: str, sparsity: float) -> dict:
+def random_calibration(path: Path, samples: int) -> dict[str, np.ndarray]:
+    """``samples`` standard-normal inputs per graph input (dynamic dims at 1): structure only, no accuracy."""
+    model = onnx.load(str(path), load_external_data=False)
+    rng = np.random.default_rng(0)
+    init = {t.name for t in model.graph.initializer}
+    arrays = {}
+    for inp in model.graph.input:
+        if inp.name in init:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in inp.type.tensor_type.shape.dim]
+        arrays[inp.name] = rng.standard_normal([samples, *dims[1:]]).astype(np.float32)
+    return arrays
+
+
+def check_valid(model: onnx.ModelProto) -> str | None:
+    """None if ``model`` passes onnx.checker, strict shape inference and onnxruntime (two batch sizes when
+    the batch is dynamic) with finite outputs, else the first problem."""
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        dynamic = any(not isinstance(inp.shape[0], int) for inp in sess.get_inputs() if inp.shape)
+        for batch in (1, 3) if dynamic else (1,):
+            feeds = {}
+            for inp in sess.get_inputs():
+                dims = [d if isinstance(d, int) else 1 for d in inp.shape]
+                if dims and not isinstance(inp.shape[0], int):
+                    dims[0] = batch
+                feeds[inp.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+            outs = sess.run(None, feeds)
+            if not all(np.all(np.isfinite(o)) for o in outs):
+                return f"non-finite output at batch {batch}"
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
+
+
+def run_one(path: Path, method: str, sparsity: float, calibration: dict | None = None) -> dict:
     row: dict = {"method": method}
+    extra = {} if calibration is None else dict(calibration=calibration, hidden_sparsity=sparsity, recover="none")
     start = time.perf_counter()
     try:
-        result = prune(path, sparsity=sparsity, method=method, validate=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "only N calibration samples": known, structure only
+            result = prune(path, sparsity=sparsity, method=method, validate=False, **extra)
     except UserError as exc:
         row.update(valid=False, error=f"{type(exc).__name__}: {exc}", time_s=time.perf_counter() - start)
         return row
@@ -121,21 +165,8 @@ def run_one(path: Path, method: str, sparsity: float) -> dict:
         return row
     elapsed = time.perf_counter() - start
     rep = result.report
-    valid, error = True, None
-    try:
-        onnx.checker.check_model(result.model, full_check=True)
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
-        feeds = {}
-        for inp in sess.get_inputs():
-            dims = [d if isinstance(d, int) else 1 for d in inp.shape]
-            feeds[inp.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
-        outs = sess.run(None, feeds)
-        if not all(np.all(np.isfinite(o)) for o in outs):
-            valid, error = False, "non-finite output"
-    except Exception as exc:  # noqa: BLE001
-        valid, error = False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    error = check_valid(result.model)
+    valid = error is None
     reasons = collections.Counter(b["reason"] for g in rep.blocked_groups for b in g.blocked)
     row.update(
         valid=valid, error=error, time_s=round(elapsed, 2),
@@ -147,6 +178,8 @@ def run_one(path: Path, method: str, sparsity: float) -> dict:
     )
     if rep.macs_note:
         row["macs_note"] = rep.macs_note
+    if calibration is not None:
+        row.update(samples=len(next(iter(calibration.values()))), hidden_sparsity=sparsity, recover="none")
     return row
 
 
@@ -164,22 +197,34 @@ def markdown(rows: list[dict]) -> str:
     """The results table of docs/coverage.md, generated from the JSON rows."""
     lines = ["| model | exporter | method | valid | pruned groups (kinds) | blocked groups | "
              "% Conv/Gemm/MatMul weights in pruned groups | params before → after | MACs before → after | "
-             "blocked reasons (count) |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | --- | --- | --- |"]
+             "blocked reasons (count) | with calibration: % weights, MACs after, valid |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | --- | --- | --- | --- |"]
     for r in rows:
         if "export_error" in r:
-            lines.append(f"| {r['model']} | {r['exporter']} | | export failed: {r['export_error']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['exporter']} | | export failed: {r['export_error']} | | | | | | | |")
             continue
         if "pruned" not in r:
-            lines.append(f"| {r['model']} | {r['exporter']} | {r['method']} | no: {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['exporter']} | {r['method']} | no: {r['error']} | | | | | | | |")
             continue
+        if r.get("dynamic_batch"):
+            r = {**r, "exporter": f"{r['exporter']}, dynamic batch"}
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(r.get("pruned_kinds", {}).items()))
         reasons = "; ".join(f"{reason} ({n})" for reason, n in r["reasons"])
         valid = "yes" if r["valid"] else f"no: {r['error']}"
         lines.append(f"| {r['model']} | {r['exporter']} | {r['method']} | {valid} | {r['pruned']} ({kinds}) | "
                      f"{r['blocked']} | {r['weights_in_pruned_pct']:.1f} | {_short(r['params'][0])} → "
-                     f"{_short(r['params'][1])} | {_short(r['macs'][0])} → {_short(r['macs'][1])} | {reasons} |")
+                     f"{_short(r['params'][1])} | {_short(r['macs'][0])} → {_short(r['macs'][1])} | {reasons} | "
+                     f"{_calibrated_cell(r.get('calibrated'))} |")
     return "\n".join(lines)
+
+
+def _calibrated_cell(c: dict | None) -> str:
+    if c is None:
+        return ""
+    if "pruned" not in c:
+        return f"failed: {c['error']}"
+    valid = "yes" if c["valid"] else f"no: {c['error']}"
+    return f"{c['weights_in_pruned_pct']:.1f}, {_short(c['macs'][1])}, {valid}"
 
 
 def main(argv=None) -> int:
@@ -191,48 +236,66 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=64, help="input size for CNNs (vit, vgg and swin use 224)")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "coverage.json"))
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip their runs")
+    p.add_argument("--calibration", choices=("none", "random"), default="none",
+                   help="random: also run with random calibration inputs (lifts the hidden-size block; structure "
+                        "only, no recovery); results in each row's 'calibrated' record")
+    p.add_argument("--calibration-samples", type=int, default=8)
+    p.add_argument("--dynamic-batch", action="store_true",
+                   help="export with a dynamic batch dimension (rows marked dynamic_batch)")
     p.add_argument("--markdown", metavar="JSON", help="print the Markdown table of a results file and exit")
     args = p.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())["rows"]))
         return 0
     rows = json.loads(Path(args.out).read_text())["rows"] if args.resume and Path(args.out).exists() else []
-    done = {(r["model"], r["exporter"], r.get("method")) for r in rows}
-    header = (f"{'model':<20} {'exporter':<7} {'method':<11} {'valid':<5} {'pruned':>6} {'blocked':>7} "
-              f"{'w%':>5} {'params before->after':>22} {'MACs before->after':>22} {'time':>6}  top blocked reasons")
-    print(header, flush=True)
+    calibrated = args.calibration == "random"
+    print(f"{'model':<20} {'exporter':<7} {'method':<11} {'data':<5} {'valid':<5} {'pruned':>6} {'blocked':>7} "
+          f"{'w%':>5} {'params before->after':>22} {'MACs before->after':>22} {'time':>6}  top blocked reasons",
+          flush=True)
+    dyn = {"dynamic_batch": True} if args.dynamic_batch else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for exporter in args.exporters:
-                methods = [m for m in args.methods if (name, exporter, m) not in done]
-                if not methods:
+                old = {r.get("method"): r for r in rows if (r["model"], r["exporter"]) == (name, exporter)
+                       and r.get("dynamic_batch", False) == args.dynamic_batch}
+                todo = [m for m in args.methods if m not in old or (calibrated and "calibrated" not in old[m])]
+                if not todo:
                     continue
                 size = 224 if name.startswith(FULL_SIZE) else args.size
                 try:
-                    path = export(name, exporter, Path(tmp), size)
+                    path = export(name, exporter, Path(tmp), size, args.dynamic_batch)
                 except Exception as exc:  # noqa: BLE001
-                    rows.append({"model": name, "exporter": exporter, "export_error": str(exc).splitlines()[0]})
+                    rows.append({"model": name, "exporter": exporter, **dyn,
+                                 "export_error": str(exc).splitlines()[0]})
                     print(f"{name:<20} {exporter:<7} export failed: {str(exc).splitlines()[0][:100]}", flush=True)
                     continue
-                for method in methods:
-                    row = {"model": name, "exporter": exporter, **run_one(path, method, args.sparsity)}
-                    rows.append(row)
-                    if "pruned" not in row or row.get("error"):
-                        print(f"{name:<20} {exporter:<7} {method:<11} {str(row['valid']):<5} "
-                              f"{row.get('error', '')[:160]}", flush=True)
-                        if "pruned" not in row:
-                            continue
-                    reasons = "; ".join(f"{r} x{n}" for r, n in row["reasons"][:2])
-                    print(f"{name:<20} {exporter:<7} {method:<11} {str(row['valid']):<5} {row['pruned']:>6} "
-                          f"{row['blocked']:>7} {row['weights_in_pruned_pct']:>5.1f} "
-                          f"{_m(row['params'][0]):>10}->{_m(row['params'][1]):<11} "
-                          f"{_m(row['macs'][0]):>10}->{_m(row['macs'][1]):<11} {row['time_s']:>6.1f}  {reasons[:140]}",
-                          flush=True)
+                calib = random_calibration(path, args.calibration_samples) if calibrated else None
+                for method in todo:
+                    row = old.get(method)
+                    if row is None:
+                        row = {"model": name, "exporter": exporter, **dyn, **run_one(path, method, args.sparsity)}
+                        rows.append(row)
+                        _print(name, exporter, method, "free", row)
+                    if calibrated and "pruned" in row:
+                        row["calibrated"] = run_one(path, method, args.sparsity, calib)
+                        _print(name, exporter, method, "calib", row["calibrated"])
                 (Path(tmp) / f"{name}_{exporter}.onnx").unlink(missing_ok=True)
                 (Path(tmp) / f"{name}_{exporter}.onnx.data").unlink(missing_ok=True)
                 _write(args, rows)  # after every model: a long run stopped early keeps its rows
     print(f"wrote {_write(args, rows)}")
     return 0
+
+
+def _print(name: str, exporter: str, method: str, data: str, row: dict) -> None:
+    head = f"{name:<20} {exporter:<7} {method:<11} {data:<5} {str(row['valid']):<5}"
+    if "pruned" not in row or row.get("error"):
+        print(f"{head} {row.get('error', '')[:160]}", flush=True)
+        if "pruned" not in row:
+            return
+    reasons = "; ".join(f"{r} x{n}" for r, n in row["reasons"][:2])
+    print(f"{head} {row['pruned']:>6} {row['blocked']:>7} {row['weights_in_pruned_pct']:>5.1f} "
+          f"{_m(row['params'][0]):>10}->{_m(row['params'][1]):<11} "
+          f"{_m(row['macs'][0]):>10}->{_m(row['macs'][1]):<11} {row['time_s']:>6.1f}  {reasons[:140]}", flush=True)
 
 
 def _write(args, rows) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -181,4 +182,34 @@ def split_holdback(arrays: dict[str, np.ndarray], fraction: float = HOLDBACK_FRA
     return ({k: v[fit] for k, v in arrays.items()}, {k: v[back] for k, v in arrays.items()})
 
 
-__all__ = ["read", "match", "batches", "input_specs", "sample_count", "split_holdback"]
+@dataclass(frozen=True)
+class Holdback:
+    """The calibration samples of one run, split once: every fitted step fits on ``fit``, is judged on ``held``.
+
+    Recovery, distillation, validation and int8 calibration all use this one
+    split, so no step is ever judged on samples another step fitted on.
+    ``held`` is None when there are too few samples to hold any back (one
+    sample, or fewer held-back samples than a fixed batch size): then
+    ``fit`` is every sample and fitted steps run unchecked.
+    """
+    fit: dict[str, np.ndarray]
+    held: dict[str, np.ndarray] | None
+
+    @classmethod
+    def of(cls, arrays: dict[str, np.ndarray], model: onnx.ModelProto, seed: int = 0) -> "Holdback":
+        if sample_count(arrays) < 2:
+            return cls(arrays, None)
+        fit, held = split_holdback(arrays, seed=seed)
+        try:
+            batches(held, model)
+        except UsageError:  # fewer held-back samples than the model's fixed batch size
+            return cls(arrays, None)
+        return cls(fit, held)
+
+    def validation(self, cap: int) -> dict[str, np.ndarray]:
+        """At most ``cap`` samples to validate on: held-back ones (never fitted on) when there are any."""
+        chosen = self.fit if self.held is None else self.held
+        return {k: v[:cap] for k, v in chosen.items()}
+
+
+__all__ = ["Holdback", "read", "match", "batches", "input_specs", "sample_count", "split_holdback"]

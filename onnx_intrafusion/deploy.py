@@ -27,14 +27,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .errors import OutputError, UsageError, ValidationError
-from .options import DEPLOY_TARGETS as TARGETS, QUANTIZATIONS as QUANTIZE
+from .options import DEPLOY_TARGETS as TARGETS
 
 
 #: Channel multiple per fixed target.  ``ort-cpu`` and ``openvino`` depend on the CPU
@@ -168,24 +168,25 @@ def quantize_int8(model: onnx.ModelProto, calibration: list[dict[str, np.ndarray
         return onnx.load(str(out))
 
 
-def quantize_checked(original: onnx.ModelProto, pruned: onnx.ModelProto, calibration: Mapping[str, np.ndarray],
-                     batches, provider: str = "auto", seed: int = 0) -> tuple[onnx.ModelProto, Quantization]:
-    """Quantize ``pruned`` on part of ``calibration``; measure drift on the rest against ``original``.
+def quantize_checked(original: onnx.ModelProto, pruned: onnx.ModelProto, split,
+                     provider: str = "auto") -> tuple[onnx.ModelProto, Quantization]:
+    """Quantize ``pruned`` on ``split.fit``; measure drift on ``split.held`` against ``original``.
 
-    ``batches(arrays, model)`` splits arrays into feed dicts (calibration.batches).
-    Raises :class:`ValidationError` when the int8 model does not run or gives
-    non-finite outputs.
+    ``split`` is the run's :class:`~onnx_intrafusion.calibration.Holdback`
+    (without held-back samples the drift is measured on the fitted ones, and
+    the record says 0 held back).  Raises :class:`ValidationError` when the
+    int8 model does not run or gives non-finite outputs.
     """
-    from .calibration import split_holdback
+    from .calibration import batches
     from .distortion import output_distortion
     from .validate import run
 
     start = time.perf_counter()
-    fit, held = split_holdback(dict(calibration), seed=seed)
+    fit, held = split.fit, split.held
     quantized = quantize_int8(pruned, batches(fit, pruned))
     try:
         onnx.checker.check_model(quantized)
-        feeds = batches(held, original)
+        feeds = batches(fit if held is None else held, original)
         ref, _ = run(original, feeds, provider)
         fp32, _ = run(pruned, feeds, provider)
         int8, _ = run(quantized, feeds, provider)
@@ -200,7 +201,7 @@ def quantize_checked(original: onnx.ModelProto, pruned: onnx.ModelProto, calibra
     info = Quantization(format="QDQ: uint8 activations, int8 per-channel weights",
                         reduce_range=needs_reduce_range(cpu_flags()), bytes_fp32=_model_bytes(pruned),
                         bytes_int8=_model_bytes(quantized), calibration_samples=len(next(iter(fit.values()))),
-                        held_back_samples=len(next(iter(held.values()))),
+                        held_back_samples=0 if held is None else len(next(iter(held.values()))),
                         drift_fp32=output_distortion(ref, fp32), drift_int8=output_distortion(ref, int8),
                         drift_int8_vs_fp32=output_distortion(fp32, int8),
                         top1_agreement_int8=top1, seconds=round(time.perf_counter() - start, 4))

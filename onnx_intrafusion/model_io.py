@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .errors import ModelError, OutputError, ValidationError
 
@@ -75,12 +76,11 @@ def fold_shapes(graph: gs.Graph) -> gs.Graph:
         if not any(n.op == "Shape" for n in graph.nodes):
             break
         before = len(graph.nodes)
-        model = gs.export_onnx(graph, do_type_check=False)
-        try:
-            model = infer_shapes_fast(model, data_prop=True)  # on a weightless copy: rounds stay cheap
+        try:  # exported without its large weights: rounds stay cheap and copy nothing
+            graph = fold(_reimported(graph, lambda g: infer_shapes_fast(gs.export_onnx(g, do_type_check=False),
+                                                                         data_prop=True)))
         except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
             break
-        graph = fold(gs.import_onnx(model))
         if len(graph.nodes) == before:
             break
     return graph
@@ -146,7 +146,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
                 raise ModelError(
                     f"external data of {path} is missing or cannot be read: {_short(exc)}"
                 ) from None
-    _check_supported(model)
+    _check_supported(model, path)
     return LoadedModel(model=model, path=path, external_data=external)
 
 
@@ -245,12 +245,15 @@ _PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4
                  if hasattr(onnx.TensorProto, n)} | {onnx.TensorProto.STRING}
 
 
-def _check_supported(model: onnx.ModelProto) -> None:
+def _check_supported(model: onnx.ModelProto, path: Path | None = None) -> None:
     """Refuse, with a reason, models that are invalid or that the pipeline cannot handle.
 
     Invalid: fails onnx.checker (with strict shape inference), or weights whose
     stored bytes do not match their shape.  Refused: opset < 9, training
-    graphs, quantized graphs.
+    graphs, quantized graphs.  The checker reads ``path`` itself when given
+    (checking a ModelProto serialises a full copy of it first), and shape
+    inference runs on a :func:`weightless` copy: no second copy of the
+    weights is made.
     """
     opset = default_opset(model)
     if opset < MIN_OPSET:
@@ -259,10 +262,10 @@ def _check_supported(model: onnx.ModelProto) -> None:
     bad_text = _non_utf8_field(model)
     if bad_text:
         raise ModelError(f"input model is corrupt: text field {bad_text} is not valid UTF-8")
-    small = model.ByteSize() < 2**31 - 1
+    small = byte_size(model) < 2**31 - 1
     try:
         if small:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(model if path is None else str(path))
     except Exception as exc:  # noqa: BLE001 - ValidationError and C++ failures alike
         raise ModelError(f"input model fails onnx.checker: {_short(exc)}") from None
     bad = _raw_sizes_ok(model)
@@ -285,7 +288,7 @@ def _check_supported(model: onnx.ModelProto) -> None:
                              f"prune the float model, then quantize it")
     if small:
         try:
-            onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+            onnx.shape_inference.infer_shapes(weightless(model), check_type=True, strict_mode=True)
         except Exception as exc:  # noqa: BLE001 - InferenceError and C++ failures alike
             raise ModelError(f"input model fails ONNX shape inference: {_short(exc)}") from None
 
@@ -296,8 +299,13 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     Constant nodes and constant subgraphs are folded into constants so that
     every weight is a :class:`gs.Constant`; stale ``value_info`` is dropped and
     shapes are re-inferred with data propagation (for Reshape targets).
+
+    The weights are not copied: constants the model stores as initializers
+    stay :class:`gs.LazyValues` that read ``model``'s tensors on demand (see
+    :func:`constant_values`), so ``model`` must stay alive and unchanged while
+    the graph is used.  Shapes are inferred on data-free copies.
     """
-    graph = gs.import_onnx(_inferred(model))
+    graph = _import_inferred(model)
     # Shapes first: folding then also evaluates Shape ops on static shapes
     # (the legacy exporter computes chunk/split sizes from Shape).
     fold(graph)
@@ -306,6 +314,110 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     graph = fold_shapes(graph)
     _name_nodes(graph)
     return infer_graph_shapes(graph, model)
+
+
+def _import_inferred(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx(model)`` with the shapes inferred (data propagation on), without copying the weights.
+
+    The shapes are inferred on a :func:`weightless` copy and lent to
+    ``model`` for the import only (its ``value_info`` and outputs are put back
+    afterwards), so the graph's constants refer to ``model``'s own tensors.
+    """
+    if byte_size(model) >= 2**31 - 1:
+        return gs.import_onnx(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
+        return gs.import_onnx(model)
+    saved = {}
+    for field in ("value_info", "output"):
+        saved[field] = [_copied(v) for v in getattr(model.graph, field)]
+        del getattr(model.graph, field)[:]
+        getattr(model.graph, field).extend(getattr(inferred.graph, field))
+    try:
+        return gs.import_onnx(model)
+    finally:
+        for field, items in saved.items():
+            del getattr(model.graph, field)[:]
+            getattr(model.graph, field).extend(items)
+
+
+def _copied(msg):
+    copy = type(msg)()
+    copy.CopyFrom(msg)
+    return copy
+
+
+def _tensor_dtype(values) -> int | None:
+    """ONNX element type of a constant's values (LazyValues or array), None if it has none."""
+    if isinstance(values, LazyValues):
+        return values.tensor.data_type
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(values).dtype)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _reimported(graph: gs.Graph, export) -> gs.Graph:
+    """``gs.import_onnx(export(graph))``, where the export holds no large weights.
+
+    Large floating-point constants are swapped for data-free placeholders
+    while ``export`` runs (exporting and shape inference only read their
+    names, types and dims) and the fresh graph gets the very same values
+    back: no copy of the weights is serialised, parsed or kept.
+    """
+    swapped = {}
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues):
+            continue
+        values = tensor._values
+        dtype = _tensor_dtype(values)
+        if dtype in _FLOAT_TYPES and int(np.prod(values.shape)) > WEIGHTLESS_LIMIT:
+            holder = onnx.TensorProto(name=tensor.name, dims=list(values.shape), data_type=dtype)
+            if tensor.data_location is not None:
+                holder.data_location = tensor.data_location
+            swapped[tensor.name] = values
+            tensor._values = LazyValues(holder)
+    try:
+        model = export(graph)
+    finally:
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and tensor.name in swapped:
+                tensor._values = swapped[tensor.name]
+    fresh = gs.import_onnx(model)
+    for tensor in fresh.tensors().values():
+        if isinstance(tensor, gs.Constant) and tensor.name in swapped:
+            tensor._values = swapped[tensor.name]
+    return fresh
+
+
+def constant_values(tensor: gs.Constant) -> np.ndarray:
+    """A constant's array; one still backed by the loaded model is decoded, not cached in the graph.
+
+    ``tensor.values`` would keep the decoded array in the graph, a second
+    full copy of the weights beside the loaded model's; this one is freed by
+    the caller once used.
+    """
+    if isinstance(tensor._values, LazyValues):
+        return tensor._values.load()
+    return np.asarray(tensor.values)
+
+
+class WeightValues(Mapping):
+    """Arrays of a graph's constants by name, read with :func:`constant_values` (not cached)."""
+
+    def __init__(self, graph: gs.Graph, names):
+        tensors = graph.tensors()
+        self._tensors = {n: tensors[n] for n in names if n in tensors}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return constant_values(self._tensors[name])
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
 
 
 def _cast_like_to_cast(graph: gs.Graph) -> bool:
@@ -335,15 +447,6 @@ def _cast_like_to_cast(graph: gs.Graph) -> bool:
     return changed
 
 
-def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:
-    if model.ByteSize() >= 2**31 - 1:
-        return model
-    try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
-        return model
-
-
 def _name_nodes(graph: gs.Graph) -> None:
     """Give every node a unique name: reports and rewrites refer to nodes by name."""
     seen: set[str] = set()
@@ -356,9 +459,8 @@ def _name_nodes(graph: gs.Graph) -> None:
 
 
 def infer_graph_shapes(graph: gs.Graph, template: onnx.ModelProto) -> gs.Graph:
-    """Re-run ONNX shape inference on a graph; returns a fresh graph."""
-    model = to_model(graph, template, infer=True)
-    return gs.import_onnx(model)
+    """Re-run ONNX shape inference on a graph; returns a fresh graph (sharing the weights' arrays)."""
+    return _reimported(graph, lambda g: to_model(g, template, infer=True))
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto, infer: bool = True) -> onnx.ModelProto:
@@ -460,7 +562,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
     if not os.access(folder, os.W_OK):
         raise OutputError(f"output folder is not writable: {folder}")
     if external is None:
-        external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external = byte_size(model) > EXTERNAL_DATA_THRESHOLD
     data_name = out.name + ".data"
     tmpdir = None
     try:
@@ -581,11 +683,30 @@ def weightless(model: onnx.ModelProto, limit: int = WEIGHTLESS_LIMIT) -> onnx.Mo
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
     for init in model.graph.initializer:
-        if init.data_type in _FLOAT_TYPES and int(np.prod(init.dims)) > limit:
+        if _left_out(init, limit):
             light.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
         else:
             light.graph.initializer.append(init)
     return light
+
+
+def _left_out(init: onnx.TensorProto, limit: int = WEIGHTLESS_LIMIT) -> bool:
+    return init.data_type in _FLOAT_TYPES and int(np.prod(init.dims)) > limit
+
+
+def byte_size(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()`` (an upper bound, at most 16 bytes per weight over), without its cost.
+
+    The python protobuf (upb) computes ``ByteSize()`` by serialising the
+    whole message: a transient full copy of the weights (+250 MB peak on
+    ResNet-50).  Here the large weights are counted from their shapes and
+    the rest is measured on a :func:`weightless` copy.
+    """
+    size = weightless(model).ByteSize()
+    for init in model.graph.initializer:
+        if _left_out(init):
+            size += int(np.prod(init.dims)) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize + 16
+    return size
 
 
 def infer_shapes_fast(model: onnx.ModelProto, **kwargs) -> onnx.ModelProto:

@@ -144,10 +144,12 @@ class Options:
         if self.provider not in PROVIDERS:  # the provider's own error class (exit 7), as validate raises it
             raise ProviderError(f"unknown provider '{self.provider}' (choose from {', '.join(PROVIDERS)})")
 
-        fusion = self.method == "intrafusion"
+        # Transport options apply whenever some group is merged (a kind's method may differ from --method).
+        fusion = "intrafusion" in (self.method, self.head_method, self.hidden_method)
         for name, value in (("ot-reg", self.ot_reg), ("ot-p", self.ot_p), ("marginals", self.marginals)):
             if value is not None and not fusion:
-                raise UsageError(f"--{name} only applies to --method intrafusion (the transport plan), "
+                raise UsageError(f"--{name} only applies to --method intrafusion (the transport plan; or a kind merged "
+                                 f"with --head-method/--hidden-method intrafusion), "
                                  f"not to --method {self.method}")
         if self.ot_reg is not None:
             _number(self.ot_reg, "ot-reg", 0.0, math.inf)

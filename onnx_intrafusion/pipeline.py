@@ -1,8 +1,10 @@
 """prune(): the stages in order, timed.
 
-load -> groups -> importance -> plans -> rewrite -> validate.  The pipeline
-owns no pruning logic of its own; it moves data between the stage modules and
-fills the report.
+load -> groups -> reference -> [data importance] -> [sensitivity] -> plan ->
+rewrite -> [recover] -> stats -> validate -> [quantize].  The pipeline owns no
+pruning logic of its own; it moves data between the stage modules
+(:mod:`planning` wires allocation and plans, :mod:`calibrated` the
+data-aware stages) and fills the report.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import onnx
 
-from . import allocation as allocation_mod, coupling, importance as importance_mod, model_io, plans, rewrite
+from . import calibrated, coupling, model_io, planning, rewrite
 from . import sensitivity as sensitivity_mod
-from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
+from .coupling import Analysis
 from .errors import NothingToPrune, PruneWarning, UsageError, ValidationError
-from .options import DATA_IMPORTANCES, FEW_CALIBRATION_SAMPLES, GRADIENT_IMPORTANCES, Options
+from .options import FEW_CALIBRATION_SAMPLES, GRADIENT_IMPORTANCES, Options
 from .progress import Progress, as_progress
 from .report import GroupRow, Report, mac_count, params_count
 
@@ -49,172 +50,6 @@ class _Timer:
         self.timings[name] = round(time.perf_counter() - start, 4)
 
 
-def _group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(rows for importance, rows for transport features) of a group.
-
-    Importance reads producers' output filters and consumers' input slices;
-    the transport features add the producers' biases and every multi-value
-    parameter row (depthwise filters inside the group): matching channels
-    whose depthwise filters differ merges two different functions, which
-    measured worse on MobileNetV2 (Fashion-MNIST, one group at 0.3: 82.6% ->
-    87.8% and 88.1% -> 90.3% on two inverted-residual groups).
-    """
-    producers = set(group.nodes(PRODUCER))
-    scored, features = [], []
-    for m in group.members:
-        rows = coupling.channel_rows(values[m.constant], m, group.size)
-        if m.role in (PRODUCER, CONSUMER):
-            scored.append(rows)
-            features.append(rows)
-        elif m.role == PARAM and (m.node in producers or rows.shape[1] > 1):
-            features.append(rows)
-    return scored, features
-
-
-#: Progress names every group at least this wide before planning it (it can take seconds).
-PROGRESS_WIDE_GROUP = 512
-
-
-def _scores(group: Group, scored: list[np.ndarray], importance: str, seed: int,
-            given: dict[int, np.ndarray] | None = None) -> np.ndarray:
-    """Scores of a group: ``given`` ones (e.g. activation importance) or a weight metric."""
-    if given is not None and group.id in given:
-        return given[group.id]
-    rng = np.random.default_rng([seed, group.id])
-    return importance_mod.group_scores(scored, "l1" if importance in DATA_IMPORTANCES else importance, rng)
-
-
-def global_keeps(graph, analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, importance: str,
-                 seed: int = 0, selected: set[int] | None = None, target: str = "macs",
-                 max_group_sparsity: float = 0.9, round_to: int = 1,
-                 given_scores: dict[int, np.ndarray] | None = None,
-                 kind_sparsity: dict[str, float] | None = None) -> dict[int, int]:
-    """Channels kept per group under global allocation (see :mod:`allocation`).
-
-    Groups of a kind in ``kind_sparsity`` keep that kind's uniform count and
-    are not ranked; the others are ranked to reach the target for the whole model.
-    """
-    fixed = _fixed_keeps(analysis, selected, kind_sparsity, round_to)
-    todo = [g for g in analysis.prunable(selected) if g.id not in fixed]
-    scores = {g.id: _scores(g, _group_rows(g, values)[0], importance, seed, given_scores) for g in todo}
-    macs = allocation_mod.node_macs(graph, analysis) if target == "macs" else None
-    return allocation_mod.global_keeps(analysis, scores, sparsity, macs, target, max_group_sparsity, round_to, fixed)
-
-
-def _fixed_keeps(analysis: Analysis, selected: set[int] | None, kind_sparsity: dict[str, float] | None,
-                 round_to: int) -> dict[int, int]:
-    """Channels kept by the groups whose kind has its own sparsity (uniform within the kind)."""
-    return {g.id: plans.keep_count(g.size, kind_sparsity[g.kind], allocation_mod.multiple(g, round_to))
-            for g in analysis.prunable(selected) if g.kind in (kind_sparsity or {})}
-
-
-def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: float, method: str,
-                importance: str, seed: int = 0, selected: set[int] | None = None, ot_reg: float = 0.0,
-                ot_p: float = 1.0, marginals: str = "uniform", round_to: int = 1,
-                progress: Progress | None = None, keeps: dict[int, int] | None = None,
-                given_scores: dict[int, np.ndarray] | None = None, kind_sparsity: dict[str, float] | None = None,
-                kind_method: dict[str, str] | None = None) -> dict[int, plans.ChannelMap]:
-    """A channel map for every prunable (and selected) group.
-
-    ``kind_sparsity`` / ``kind_method`` override ``sparsity`` / ``method`` for
-    groups of a kind (``Group.kind``: attention heads, FFN neurons).
-
-    ``keeps`` (group id -> channels kept, from :func:`global_keeps`) replaces
-    the uniform ``sparsity``; groups missing from it are left unchanged.
-    ``given_scores`` (group id -> per-channel scores, e.g. activation
-    importance) replaces the weight-based ``importance`` for those groups.
-    """
-    progress = as_progress(progress)
-    maps = {}
-    todo = analysis.prunable(selected)
-    with progress.steps("groups planned", len(todo)) as steps:
-        for group in todo:
-            group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
-            keep = (plans.keep_count(group.size, group_sparsity, allocation_mod.multiple(group, round_to))
-                    if keeps is None
-                    else keeps.get(group.id, group.size))
-            if keep == group.size:
-                steps.advance()
-                continue
-            if group.size >= PROGRESS_WIDE_GROUP:
-                # Before the work: a wide group can take seconds (its cost matrix is C x k x features).
-                progress.note(f"  group {group.id}: {group.size} -> {keep} channels")
-            scored, features = _group_rows(group, values)
-            scores = _scores(group, scored, importance, seed, given_scores)
-            kept = importance_mod.top_k(scores, keep)
-            if (kind_method or {}).get(group.kind, method) == "prune":
-                maps[group.id] = plans.selection(group.size, kept)
-            else:
-                mass = scores if marginals == "importance" else None
-                maps[group.id] = plans.fusion(plans.normalised_features(features), kept, mass, ot_reg, ot_p)
-            steps.advance(detail=f"group {group.id}: {group.size}->{keep}")
-    return maps
-
-
-def _sensitivity(original: onnx.ModelProto, graph, analysis: Analysis, values: dict[str, np.ndarray],
-                 calib: dict[str, np.ndarray], selected: set[int] | None,
-                 given_scores: dict[int, np.ndarray] | None, opts: Options,
-                 progress: Progress) -> tuple[sensitivity_mod.Sensitivity, str]:
-    """(the analysis, where it came from): read from ``opts.sensitivity`` when that file exists, else measured.
-
-    A measured analysis is written to ``opts.sensitivity`` when given.  The
-    channel maps come from :func:`plan_groups`, i.e. exactly the run's own;
-    handing :mod:`sensitivity` this callable keeps it free of the pipeline.
-    """
-    source = opts.sensitivity
-    if source is not None and os.path.exists(source):
-        table = sensitivity_mod.Sensitivity.load(source, sensitivity_mod.fingerprint(original))
-        now = dict(method=opts.method, importance=opts.importance, recover=opts.recover, round_to=opts.round_to)
-        differ = [f"{k} {table.options.get(k)} (now {v})" for k, v in now.items() if table.options.get(k) != v]
-        if differ:
-            warnings.warn(PruneWarning(f"{source} was measured with {', '.join(differ)}; using it as it is"),
-                          stacklevel=3)
-        return table, f"read from {source}"
-
-    # Groups of a kind with its own sparsity (the hidden size: 0 unless given) are not allocated: not measured.
-    fixed = _fixed_keeps(analysis, selected, opts.kind_sparsity(), opts.round_to or 1)
-    allocated = [g.id for g in analysis.prunable(selected) if g.id not in fixed]
-
-    def plan(gid: int, keep: int) -> plans.ChannelMap:
-        return plan_groups(analysis, values, 0.0, opts.method, opts.importance, opts.seed, {gid},
-                           opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform",
-                           keeps={gid: keep}, given_scores=given_scores)[gid]
-
-    table = sensitivity_mod.analyse(
-        original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=allocated,
-        round_to=opts.round_to, recover="lstsq" if opts.recover == "distill" else opts.recover,  # no fine-tuning per run
-        recover_alpha=opts.recover_alpha or 1e-3,
-        ewr_eps=opts.ewr_eps or 0.05, seed=opts.seed, workers=opts.workers, ray_address=opts.ray_address,
-        progress=progress,
-        options=dict(method=opts.method, importance=opts.importance, ot_reg=opts.ot_reg, ot_p=opts.ot_p,
-                     marginals=opts.marginals))
-    if source is not None:
-        table.save(source)
-        return table, f"measured, written to {source}"
-    return table, "measured"
-
-
-def sensitivity_keeps(graph, analysis: Analysis, table: sensitivity_mod.Sensitivity, sparsity: float,
-                      selected: set[int] | None, max_group_sparsity: float, round_to: int,
-                      kind_sparsity: dict[str, float] | None = None
-                      ) -> tuple[dict[int, int], dict[int, float], bool]:
-    """Channels kept per group under the sensitivity allocation (see :mod:`allocation`).
-
-    Groups of a kind in ``kind_sparsity`` keep that kind's uniform count (as in :func:`global_keeps`).
-    """
-    fixed = _fixed_keeps(analysis, selected, kind_sparsity, round_to)
-    measured = table.by_id()
-    curves = {gid: measured[gid].curve() for gid in measured
-              if gid < len(analysis.groups) and analysis.groups[gid].prunable
-              and analysis.groups[gid].size == measured[gid].channels and (selected is None or gid in selected)}
-    missing = [g.id for g in analysis.prunable(selected) if g.id not in curves and g.id not in fixed]
-    if missing:
-        warnings.warn(PruneWarning(f"{len(missing)} prunable group(s) have no sensitivity measurement and are "
-                                   f"left unpruned (e.g. group {missing[0]})"), stacklevel=3)
-    return allocation_mod.sensitivity_keeps(analysis, curves, sparsity, allocation_mod.node_macs(graph, analysis),
-                                            max_group_sparsity, round_to, fixed=fixed)
-
-
 def _warn_custom_ops(graph, analysis: Analysis) -> None:
     """Custom-domain ops that touch channels leave their groups unpruned: say so (not an error)."""
     custom = {f"{n.name} ({n.op})" for n in graph.nodes if n.domain not in ("", "ai.onnx", None)}
@@ -226,37 +61,6 @@ def _warn_custom_ops(graph, analysis: Analysis) -> None:
         warnings.warn(PruneWarning(
             f"{len(nodes)} custom-domain op(s) read pruned channels ({', '.join(nodes[:3])}{more}): "
             f"the {len(touched)} channel group(s) they touch are left unpruned"), stacklevel=3)
-
-
-def _gradients():
-    """The torch-based stages (:mod:`finetune`), or a one-line error telling how to get them."""
-    try:
-        from . import finetune
-    except ImportError as exc:
-        if "torch" not in str(exc):
-            raise
-        raise UsageError("--recover distill and --importance taylor/prospr need torch: "
-                         "pip install onnx-intrafusion[torch]") from None
-    return finetune
-
-
-def _distill(graph, original: onnx.ModelProto, calib: dict[str, np.ndarray], opts: Options,
-             progress: Progress) -> dict:
-    """Fine-tune the pruned graph's weights in place towards the original's outputs; returns the record."""
-    from . import calibration as calibration_mod
-    from .differentiable import assign
-
-    fit, held = calibration_mod.split_holdback(calib, seed=opts.seed)
-    with progress.steps("distillation epochs", opts.finetune_epochs) as steps:
-        def epoch_done(epoch: int, total: int, loss: float, held_back: float) -> None:
-            steps.advance(detail=f"loss {loss:.4g}, held-back distortion {held_back:.4g}")
-
-        weights, record = _gradients().distill(graph, original, fit, held, epochs=opts.finetune_epochs,
-                                               time_budget=opts.finetune_time, seed=opts.seed,
-                                               progress=epoch_done)
-    assign(graph, weights)
-    record["weights_changed"] = len(weights)
-    return record
 
 
 def prune(
@@ -326,7 +130,7 @@ def prune(
         raise UsageError("give the options either as keywords or as options=Options(...), not both")
     opts = options.resolve(has_calibration=calibration is not None)
     if opts.recover == "distill" or opts.importance in GRADIENT_IMPORTANCES:
-        _gradients()  # torch missing: say so before any work
+        calibrated.gradients()  # torch missing: say so before any work
     calib = None if calibration is None else calibration_mod.read(calibration, opts.calibration_samples)
     if calib is not None and calibration_mod.sample_count(calib) < FEW_CALIBRATION_SAMPLES:
         warnings.warn(PruneWarning(
@@ -342,60 +146,51 @@ def prune(
     with timer.stage("load"):
         loaded = model_io.load_model(model)
         original = loaded.model
+        split = None
         if calib is not None:
             calib = calibration_mod.match(calib, original)
-        feeds = None if calib is None else calibration_mod.batches(calib, original)
+            split = calibration_mod.Holdback.of(calib, original, opts.seed)
         graph = model_io.to_graph(original)
     with timer.stage("groups"):
         analysis = coupling.analyse(graph)
         if calib is not None:
             analysis.lift_data_blocks()  # e.g. the hidden size under LayerNorm: recovery re-fits its readers
-        values = {name: np.asarray(t.values) for name, t in graph.tensors().items()
-                  if name in {m.constant for g in analysis.groups for m in g.members}}
+        # Read on demand: the loaded model stays the one full copy of the weights.
+        values = model_io.WeightValues(graph, {m.constant for g in analysis.groups for m in g.members})
     _warn_custom_ops(graph, analysis)
     if not any(g.prunable for g in analysis.groups):
         reasons = sorted({r for g in analysis.groups for _, r in g.blocked})
         detail = f"; reasons: {'; '.join(reasons[:3])}" if reasons else ""
         raise NothingToPrune(f"no channel group can be pruned safely ({len(analysis.groups)} groups found{detail})")
     selected = _selected_groups(analysis, opts.groups)
-    given_scores = None
-    if opts.importance == "activation":
-        from .activations import activation_scores
+    reference = None
+    if opts.validate and not opts.analyse_only:
+        from .validate import reference as run_reference
 
-        with timer.stage("activations"):
+        with timer.stage("reference"):
+            # The original's outputs now, while memory holds little but the loaded model
+            # (the graph reads its weights lazily): onnxruntime's session needs ~2.5x the
+            # model while it optimises.  It reads the input file itself when there is one.
+            real = None if split is None else calibration_mod.batches(split.validation(VALIDATION_REAL_SAMPLES),
+                                                                      original)
+            reference = run_reference(original, opts.provider, opts.seed, feeds=real, original_file=loaded.path)
+    given_scores = None
+    if opts.importance == "activation" or opts.importance in GRADIENT_IMPORTANCES:
+        with timer.stage("activations" if opts.importance == "activation" else opts.importance):
             ids = [g.id for g in analysis.prunable(selected)]
-            given_scores = activation_scores(original, graph, analysis, feeds, ids)
-    elif opts.importance in GRADIENT_IMPORTANCES:
-        with timer.stage(opts.importance):
-            ids = [g.id for g in analysis.prunable(selected)]
-            given_scores = _gradients().IMPORTANCES[opts.importance](graph, original, analysis, calib, ids,
-                                                                     seed=opts.seed)
+            given_scores = calibrated.data_scores(graph, original, analysis, calib, opts, ids)
     table = None
     if opts.allocation == "sensitivity" or opts.analyse_only:
         with timer.stage("sensitivity"):
-            table, source = _sensitivity(original, graph, analysis, values, calib, selected, given_scores, opts,
-                                         progress)
+            table, source = planning.sensitivity_table(original, graph, analysis, values, calib, selected,
+                                                       given_scores, opts, progress)
         if opts.analyse_only:
             report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
             report.timings = timer.timings
             return PruneResult(model=None, report=report, external_data=loaded.external_data, sensitivity=table)
     with timer.stage("plan"):
-        keeps = None
-        if opts.allocation == "global":
-            keeps = global_keeps(graph, analysis, values, opts.sparsity, opts.importance, opts.seed, selected,
-                                 opts.global_target, opts.max_group_sparsity, opts.round_to, given_scores,
-                                 opts.kind_sparsity())
-        elif opts.allocation == "sensitivity":
-            keeps, predicted, met = sensitivity_keeps(graph, analysis, table, opts.sparsity, selected,
-                                                      opts.max_group_sparsity, opts.round_to, opts.kind_sparsity())
-            if not met:
-                warnings.warn(PruneWarning(
-                    f"sparsity {opts.sparsity:g} of the MACs cannot be removed within the measured levels "
-                    f"(largest {max(table.levels):g}) and max-group-sparsity {opts.max_group_sparsity:g}: "
-                    f"removing what they allow"), stacklevel=2)
-        maps = plan_groups(analysis, values, opts.sparsity, opts.method, opts.importance, opts.seed, selected,
-                           opts.ot_reg or 0.0, opts.ot_p or 1.0, opts.marginals or "uniform", opts.round_to,
-                           progress, keeps, given_scores, opts.kind_sparsity(), opts.kind_method())
+        allocated = planning.plan_run(graph, analysis, values, opts, selected, given_scores, table, progress)
+        maps = allocated.maps
     del values  # the original weights' arrays: free them before the rewrite copies
     if not maps and not opts.allow_unchanged:
         raise NothingToPrune(_nothing_pruned_reason(analysis, selected, opts))
@@ -407,28 +202,17 @@ def prune(
         try:
             # = check_model(full_check=True), whose strict shape inference
             # runs on a weightless copy (seconds faster on big models).
-            if pruned.ByteSize() < 2**31 - 1:
+            if model_io.byte_size(pruned) < 2**31 - 1:
                 onnx.checker.check_model(pruned)
             onnx.shape_inference.infer_shapes(model_io.weightless(pruned), check_type=True, strict_mode=True)
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
                                   f"{str(exc).splitlines()[0]}") from None
-    layers, result, distilled = [], None, None
+    recovered = None
     if opts.recover != "none":
-        from .activations import recover as recover_layers
-
-        with timer.stage("recover"):
-            start = "lstsq" if opts.recover == "distill" else opts.recover  # distillation starts from lstsq
-            fit, held = _recovery_split(calib, original, opts.seed)
-            result = recover_layers(graph, original, analysis, maps, fit, start, holdback=held,
-                                    alpha=opts.recover_alpha or 1e-3, eps=opts.ewr_eps or 0.05, seed=opts.seed,
-                                    progress=progress)
-            layers = result.layers
-        if opts.recover == "distill":
-            with timer.stage("distill"):  # on the same split of the calibration samples
-                distilled = _distill(graph, original, calib, opts, progress)
+        recovered = calibrated.recover(graph, original, analysis, maps, split, opts, timer, progress)
         pruned = model_io.to_model(graph, original)
-        if pruned.ByteSize() < 2**31 - 1:
+        if model_io.byte_size(pruned) < 2**31 - 1:
             onnx.checker.check_model(pruned, full_check=True)
 
     report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
@@ -443,6 +227,7 @@ def prune(
         else:
             report.groups.append(GroupRow.from_group(g, g.size, "unchanged"))
     if table is not None:
+        keeps, predicted = allocated.keeps, allocated.predicted
         for row in report.groups:
             if row.id in keeps and row.status == "pruned":
                 row.sensitivity = {"level": round(1.0 - keeps[row.id] / row.channels_before, 4),
@@ -450,66 +235,41 @@ def prune(
         report.sensitivity = {"source": source, "measure": table.measure, "samples": table.samples,
                               "levels": table.levels, "runs": sum(len(g.points) for g in table.groups),
                               "seconds": table.seconds, "backend": table.backend,
-                              "predicted_distortion": float(sum(predicted.values())), "budget_met": met}
-    if layers:
-        report.attach_recovery(layers, analysis)
-    if result is not None and result.model is not None:
-        report.recovery_model = result.model.to_dict()
-    report.distill = distilled
+                              "predicted_distortion": float(sum(predicted.values())),
+                              "budget_met": allocated.budget_met}
+    if recovered is not None:
+        if recovered.layers:
+            report.attach_recovery(recovered.layers, analysis)
+        report.recovery_model = recovered.model
+        report.distill = recovered.distill
     with timer.stage("stats"):
         report.set_stats(params_count(original), mac_count(original), params_count(pruned), mac_count(pruned))
+    del maps  # dense transport plans (tens of MB on ResNet-50): not needed past the report rows
     if opts.validate:
         from .validate import compare
 
         with timer.stage("validate"):
-            real = None if calib is None else _validation_feeds(calib, original, opts.seed)
-            report.validation = compare(original, pruned, opts.provider, opts.seed, feeds=real).to_dict()
+            if opts.quantize == "none":
+                # Only the inputs of the original are read from here on: its weights go
+                # before the pruned model's session starts (the graph that read them is gone
+                # unless recovery ran).
+                original, loaded.model = model_io.weightless(original), None
+            report.validation = compare(original, pruned, opts.provider, ref=reference).to_dict()
     fp32 = None
     if opts.quantize == "int8":
         from .deploy import quantize_checked
 
         with timer.stage("quantize"):
             fp32 = pruned
-            pruned, info = quantize_checked(original, fp32, calib, calibration_mod.batches, opts.provider, opts.seed)
+            pruned, info = quantize_checked(original, fp32, split, opts.provider)
             report.quantization = info.to_dict()
     report.timings = timer.timings
     return PruneResult(model=pruned, report=report, external_data=loaded.external_data, fp32=fp32,
                        sensitivity=table)
 
 
-def _recovery_split(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int
-                    ) -> tuple[list[dict], list[dict] | None]:
-    """(fit batches, held-back batches): recovery fits on the first and is checked on the second.
-
-    The split is the one validation uses.  With a single sample, or fewer
-    held-back samples than a fixed batch size, nothing can be held back.
-    """
-    from . import calibration as calibration_mod
-
-    if calibration_mod.sample_count(calib) < 2:
-        return calibration_mod.batches(calib, model), None
-    fit, held = calibration_mod.split_holdback(calib, seed=seed)
-    try:
-        held_batches = calibration_mod.batches(held, model)
-    except UsageError:
-        return calibration_mod.batches(calib, model), None
-    return calibration_mod.batches(fit, model), held_batches
-
-
 #: At most this many held-back calibration samples are used to validate.
 VALIDATION_REAL_SAMPLES = 64
-
-
-def _validation_feeds(calib: dict[str, np.ndarray], model: onnx.ModelProto, seed: int) -> list[dict]:
-    """Real inputs for validation: the held-back calibration samples (never fitted on), capped."""
-    from . import calibration as calibration_mod
-
-    if calibration_mod.sample_count(calib) < 2:
-        held = calib
-    else:
-        held = calibration_mod.split_holdback(calib, seed=seed)[1]
-    held = {k: v[:VALIDATION_REAL_SAMPLES] for k, v in held.items()}
-    return calibration_mod.batches(held, model)
 
 
 def _selected_groups(analysis: Analysis, groups: tuple[int, ...] | None) -> set[int] | None:

@@ -130,6 +130,12 @@ def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap])
             shape.reshape(-1)[fix.index] = size
             # A private copy: exporters share shape constants between Reshapes.
             node.inputs[fix.input] = gs.Constant(f"{old.name}__pruned_{node.name}", shape)
+        elif fix.kind == "iota":
+            old = node.inputs[1]
+            shape = list(old.values.shape)
+            shape[fix.index] = size
+            node.inputs[1] = gs.Constant(f"{old.name}__pruned_{node.name}",
+                                         np.arange(size, dtype=old.values.dtype).reshape(shape))
         elif fix.kind == "split":
             _fix_split(graph, node, [segments_size(analysis, maps, p) for p in fix.parts])
         elif fix.kind == "slice":

@@ -8,6 +8,7 @@ memory and is never fed back into the rewriter.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,16 +63,19 @@ def _session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
-def session(model: onnx.ModelProto, provider: str = "auto", threads: int | None = None) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | str | os.PathLike, provider: str = "auto",
+            threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime session on the requested provider (``auto``: CUDA if it works, else CPU).
 
+    ``model`` is a ModelProto or the path of a model file, which onnxruntime
+    then reads itself (no serialised copy of the weights in this process).
     ``threads`` fixes onnxruntime's intra-op threads (default: its own choice);
     parallel callers (sensitivity workers) run one thread per process.
     """
     if provider not in PROVIDERS:
         raise ProviderError(f"unknown provider '{provider}' (choose from {', '.join(PROVIDERS)})")
     available = ort.get_available_providers()
-    data = model.SerializeToString()
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
     if provider in ("auto", "cuda") and _CUDA in available:
         try:
             sess = ort.InferenceSession(data, _session_options(threads), providers=[_CUDA, _CPU])
@@ -113,14 +117,17 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = VALIDATION_
     return feeds
 
 
-def run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], provider: str = "auto",
+def run(model: onnx.ModelProto | str | os.PathLike, feeds: list[dict[str, np.ndarray]], provider: str = "auto",
         threads: int | None = None) -> tuple[dict, str]:
-    """Outputs of ``model`` on each feed, concatenated on the first axis, and the provider used."""
+    """Outputs of ``model`` (a ModelProto or a file) on each feed, concatenated on the first axis,
+    and the provider used."""
     sess = session(model, provider, threads)
     names = [o.name for o in sess.get_outputs()]
     runs = [sess.run(names, feed) for feed in feeds]
+    used = sess.get_providers()[0]
+    del sess  # its weights and buffers go before the next session starts
     outs = {n: np.concatenate([r[i] for r in runs]) if runs[0][i].ndim else runs[0][i] for i, n in enumerate(names)}
-    return outs, sess.get_providers()[0]
+    return outs, used
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -131,13 +138,25 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb))
 
 
-def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "auto", seed: int = 0,
-            samples: int = VALIDATION_SAMPLES, feeds: list[dict[str, np.ndarray]] | None = None) -> Drift:
-    """Run both models on the same inputs; raise if the pruned one is unusable.
+@dataclass
+class Reference:
+    """The original model's outputs on the validation inputs."""
 
-    ``feeds`` are real inputs (held-back calibration samples); without them,
-    random inputs are used and top-1 agreement is not reported, because on
-    random inputs it measures nothing a user cares about.
+    feeds: list[dict[str, np.ndarray]]
+    outputs: dict[str, np.ndarray]
+    real: bool  # the feeds are held-back calibration samples, not random inputs
+
+
+def reference(original: onnx.ModelProto, provider: str = "auto", seed: int = 0,
+              samples: int = VALIDATION_SAMPLES, feeds: list[dict[str, np.ndarray]] | None = None,
+              original_file: str | os.PathLike | None = None) -> Reference:
+    """Run the original model on the validation inputs (see :func:`compare`).
+
+    The pipeline calls this before planning, while memory holds little but
+    the loaded model: onnxruntime's session for a large model needs about
+    2.5x its size while it optimises the graph.  ``original_file``, the file
+    ``original`` was loaded from, is what onnxruntime then runs (no
+    serialised copy; ``original`` is only read for its inputs).
     """
     real = bool(feeds)
     if not real:
@@ -145,7 +164,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = 
         batch = next(iter(feeds[0].values())).shape[0] if feeds[0] and next(iter(feeds[0].values())).ndim else 1
         feeds += [random_feeds(original, seed + i, batch=samples) for i in range(1, -(-samples // max(batch, 1)))]
     try:
-        ref, _ = run(original, feeds, provider)
+        ref, _ = run(original if original_file is None else original_file, feeds, provider)
     except ProviderError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. custom ops onnxruntime does not know
@@ -153,6 +172,25 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = 
             "cannot validate: the input model itself does not run in onnxruntime "
             f"({' '.join(str(exc).split())[:200]}); rerun with --no-validate to skip validation"
         ) from None
+    return Reference(feeds, ref, real)
+
+
+def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = "auto", seed: int = 0,
+            samples: int = VALIDATION_SAMPLES, feeds: list[dict[str, np.ndarray]] | None = None,
+            original_file: str | os.PathLike | None = None, ref: Reference | None = None) -> Drift:
+    """Run both models on the same inputs; raise if the pruned one is unusable.
+
+    ``feeds`` are real inputs (held-back calibration samples); without them,
+    random inputs are used and top-1 agreement is not reported, because on
+    random inputs it measures nothing a user cares about.  ``ref``, the
+    original's outputs computed earlier by :func:`reference`, replaces
+    running ``original`` here (``seed``, ``samples``, ``feeds`` and
+    ``original_file`` are then unused).
+    """
+    if ref is None:
+        ref = reference(original, provider, seed, samples, feeds, original_file)
+    feeds, real = ref.feeds, ref.real
+    ref = ref.outputs
     try:
         out, used = run(pruned, feeds, provider)
     except ProviderError:

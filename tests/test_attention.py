@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 import attention_models as am
 from conftest import assert_valid, feeds_for, run
 from onnx_intrafusion import coupling, model_io, prune
+from onnx_intrafusion.errors import UsageError
 
 torch = pytest.importorskip("torch")
 
@@ -79,6 +80,18 @@ def test_duplicate_heads_merge_exactly_and_pruning_does_not(tmp_path_factory, fo
         feeds = feeds_for(original, seed=3, batch=3)
         np.testing.assert_allclose(run(fused.model, feeds)["logits"], run(original, feeds)["logits"], atol=1e-4,
                                    rtol=0)
+
+
+def test_transport_options_apply_when_only_heads_are_merged(tmp_path_factory):
+    """--method prune with --head-method intrafusion still builds transport plans: their options apply."""
+    path, original = exported(tmp_path_factory, "dup", "sdpa", am.EXPORTERS[0])
+    (group,) = head_groups(path)
+    result = prune(path, sparsity=0.5, method="prune", head_method="intrafusion", ot_p=1.0, groups=[group.id])
+    assert (result.report.options["ot_reg"], result.report.options["ot_p"]) == (0.0, 1.0)
+    feeds = feeds_for(original, seed=1)
+    np.testing.assert_allclose(run(result.model, feeds)["logits"], run(original, feeds)["logits"], atol=1e-4, rtol=0)
+    with pytest.raises(UsageError, match="only applies"):
+        prune(path, sparsity=0.5, method="prune", ot_p=1.0)
 
 
 @pytest.mark.parametrize("exporter", am.EXPORTERS)

@@ -9,7 +9,7 @@ from conftest import run, sample
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_intrafusion import activations, coupling, model_io, rewrite
-from onnx_intrafusion.pipeline import plan_groups
+from onnx_intrafusion.planning import plan_groups
 
 
 def _prepared(model: onnx.ModelProto, sparsity: float, method: str = "prune"):

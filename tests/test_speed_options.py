@@ -187,13 +187,13 @@ def test_cli_global(tmp_path):
 
 
 def test_progress_names_wide_groups(monkeypatch):
-    from onnx_intrafusion import pipeline
+    from onnx_intrafusion import planning
 
     messages: list[str] = []
     prune(sample("resnet_legacy.onnx"), sparsity=0.5, validate=False, progress=messages.append)
     assert [m for m in messages if m.endswith(" ...")] == ["load ...", "groups ...", "plan ...", "rewrite ...",
                                                           "stats ..."]
-    monkeypatch.setattr(pipeline, "PROGRESS_WIDE_GROUP", 16)
+    monkeypatch.setattr(planning, "PROGRESS_WIDE_GROUP", 16)
     messages.clear()
     rep = prune(sample("resnet_legacy.onnx"), sparsity=0.5, validate=False, progress=messages.append).report
     groups = [m for m in messages if m.startswith("  group ")]

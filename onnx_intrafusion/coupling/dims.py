@@ -302,6 +302,10 @@ def shape_entries(ctx: Context, tensor: gs.Tensor, depth: int = 0, reader: gs.No
         if src is None or params is None or len(params[0]) != 1:
             return None
         return src[slice(params[0][0], params[1][0], params[3][0])]
+    if node.op == "ConstantOfShape":
+        return _constant_of_shape(ctx, node, depth)
+    if node.op == "Where" and len(node.inputs) == 3:
+        return _where(ctx, node, depth)
     if node.op in _ARITH and len(node.inputs) == 2:
         a, b = (shape_entries(ctx, t, depth + 1, node, k) for k, t in enumerate(node.inputs))
         if a is None or b is None or (len(a) != len(b) and 1 not in (len(a), len(b))):
@@ -310,6 +314,57 @@ def shape_entries(ctx: Context, tensor: gs.Tensor, depth: int = 0, reader: gs.No
         a, b = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
         return [_arith(ctx, node, x, y) for x, y in zip(a, b)]
     return None
+
+
+def _constant_of_shape(ctx: Context, node: gs.Node, depth: int) -> list | None:
+    """A 1-D fill of known length (``ConstantOfShape(Shape(v))``): constants stored nowhere the rewrite could edit."""
+    n = shape_entries(ctx, node.inputs[0], depth + 1, node, 0)
+    length = value(ctx, n[0]) if n is not None and len(n) == 1 else None
+    if not fixed(length):
+        return None
+    fill = node.attrs.get("value")
+    v = 0 if fill is None else int(getattr(fill, "values", fill).reshape(-1)[0])
+    return [entry(v, (None, 0, 0)) for _ in range(length)]
+
+
+def _where(ctx: Context, node: gs.Node, depth: int) -> list | None:
+    """``Where(Equal(a, b), x, y)`` entry by entry, when every comparison is decided at analysis time.
+
+    The TorchScript exporter writes ``expand(n, -1, -1)`` as ``Where(target == -1, 1, target)``.
+    """
+    cond = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if cond is None or cond.op != "Equal":
+        return None
+    parts = [shape_entries(ctx, t, depth + 1, cond, k) for k, t in enumerate(cond.inputs)]
+    parts += [shape_entries(ctx, node.inputs[k], depth + 1, node, k) for k in (1, 2)]
+    if any(p is None for p in parts):
+        return None
+    n = max(len(p) for p in parts)
+    if any(len(p) not in (1, n) for p in parts):
+        return None
+    out = []
+    for a, b, x, y in zip(*(p * n if len(p) == 1 else p for p in parts)):
+        same = _equal(value(ctx, a), value(ctx, b))
+        if same is None:
+            return None
+        out.append(x if same else y)
+    return out
+
+
+def _equal(a: int | None, b: int | None) -> bool | None:
+    """Whether two shape entries are equal at run time; None when it depends on the input.
+
+    Equal values are equal (the same symbol is the same dimension); two sizes
+    known at analysis time, or a dimension (never negative) and a negative
+    constant, are not; a dimension and a size may be either.
+    """
+    if a is None or b is None:
+        return None
+    if a == b:
+        return True
+    if a < BOUND and b < BOUND:
+        return False
+    return False if min(a, b) < 0 else None
 
 
 def value(ctx: Context, e) -> int | None:

@@ -66,7 +66,30 @@ def _elementwise_constant(ctx: Context, node: gs.Node, ax: ChannelAxis, tensor: 
     if ctx.const(tensor) is not None and shape[pos] == ctx.total(ax) and ax.outer == 1:
         ctx.add_members(ax, PARAM, tensor, node, axis=pos)
         return
+    if _expanded_constant(ctx, node, ax, tensor, len(shape), pos):
+        return
     ctx.block(ax, node, f"element-wise operand '{tensor.name}' has its own values along the channel axis")
+
+
+def _expanded_constant(ctx: Context, node: gs.Node, ax: ChannelAxis, tensor: gs.Tensor, rank: int, pos: int) -> bool:
+    """``tensor`` is a constant broadcast by Expand to a shape computed at run time (a class token expanded
+    to the batch): the constant is sliced per channel, and the Expand must leave the channel axis alone."""
+    from .shape import expand_keeps_axis  # shape imports attention, which imports this module
+
+    expand = tensor.inputs[0] if tensor.inputs else None
+    data = expand.inputs[0] if expand is not None and expand.op == "Expand" else None
+    values = None if data is None else ctx.const(data)
+    if values is None or ax.outer != 1:
+        return False
+    dpos = pos - (rank - values.ndim)
+    per_channel = dpos >= 0 and values.shape[dpos] != 1
+    if per_channel and values.shape[dpos] != ctx.total(ax):
+        return False
+    if not expand_keeps_axis(ctx, expand, pos, rank, ax, node.outputs[0]):
+        return False
+    if per_channel:
+        ctx.add_members(ax, PARAM, data, expand, axis=dpos)
+    return True
 
 
 @rule("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where")

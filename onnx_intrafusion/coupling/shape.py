@@ -15,7 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .attention import request_heads, takes_stack_apart
-from .dims import Computed, Entry, dims, fixed, reads, shape_entries
+from .dims import Computed, Entry, dims, fixed, reads, shape_entries, value
 from .rules import attr, int_operand, norm_axis, rule, slice_params, static
 from .spaces import AxisFix, ChannelAxis, Context, Segment
 
@@ -295,15 +295,15 @@ def _fix_stored(ctx: Context, node: gs.Node, ax: ChannelAxis, y: gs.Tensor, sour
 
 #: Ops between a stored shape entry and the Reshape that reads it.
 _SHAPE_CHAIN = ("Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Gather", "Slice", "Reshape", "Mul", "Div",
-                "Add", "Sub", "Mod")
+                "Add", "Sub", "Mod", "Shape", "ConstantOfShape", "Equal", "Where")
 
 
 def _target_readers(node: gs.Node, depth: int = 0) -> set[str] | None:
-    """Reshapes whose target is computed from ``node``'s output; None if anything else reads it."""
+    """Reshapes (or Expands) whose target is computed from ``node``'s output; None if anything else reads it."""
     out: set[str] = set()
     for t in node.outputs:
         for r in t.outputs:
-            if r.op == "Reshape" and len(r.inputs) > 1 and r.inputs[1] is t:
+            if r.op in ("Reshape", "Expand") and len(r.inputs) > 1 and r.inputs[1] is t:
                 out.add(r.name)
             elif r.op in _SHAPE_CHAIN and depth < 12:
                 sub = _target_readers(r, depth + 1)
@@ -330,6 +330,51 @@ def check_stored_entries(ctx: Context, graph: gs.Graph) -> None:
         elif len(users) > 1:
             ctx.unite_parts([ax for _, ax in users], users[0][0], "Reshapes sharing a channel count differ")
 
+
+
+#: An Expand that repeats along the channel axis (its target's entry there is not 1 or the channel count).
+EXPAND_REASON = "Expand broadcasts along the channel axis"
+
+
+def expand_keeps_axis(ctx: Context, node: gs.Node, axis: int, out_rank: int, ax: ChannelAxis, y: gs.Tensor) -> bool:
+    """Expand ``node`` leaves channel axis ``axis`` (of ``out_rank``) of its output as its input has it.
+
+    True when the target's entry for that axis is 1 (no repeat) or the
+    channel count itself, which is then rewritten like a Reshape target
+    (``y`` is a tensor with ``ax``'s channels, whose new size is written).
+    The other entries may be read at run time (a class token expanded to
+    the batch: ``cls.expand(batch, -1, -1)``).
+    """
+    const = ctx.const(node.inputs[1]) is not None
+    entries = shape_entries(ctx, node.inputs[1], reader=node, index=1)
+    if entries is None:
+        return False
+    j = axis - (out_rank - len(entries))
+    if j < 0:
+        return True
+    v = value(ctx, entries[j])
+    if v == 1:
+        return True
+    if v != ctx.total(ax) or ax.outer != 1:
+        return False
+    return fix_entry(ctx, node, ax, y, j, None if const else entries)
+
+
+@rule("Expand")
+def _expand(ctx: Context, node: gs.Node):
+    ax = ctx.axis_of(node.inputs[0])
+    if ax is None:
+        return [0]
+    rank, out_rank = ctx.rank(node.inputs[0]), ctx.rank(node.outputs[0])
+    if rank is None or out_rank is None:
+        ctx.block(ax, node, "Expand of unknown rank")
+        return [0]
+    out = ChannelAxis(ax.axis + out_rank - rank, ax.segments)
+    if not expand_keeps_axis(ctx, node, out.axis, out_rank, out, node.outputs[0]):
+        ctx.block(ax, node, EXPAND_REASON)
+        return [0]
+    ctx.set_axis(node.outputs[0], out)
+    return [0]
 
 
 @rule("Shape")
@@ -375,12 +420,31 @@ def _gather(ctx: Context, node: gs.Node):
     if ax is None:
         return [0]
     axis = norm_axis(int(attr(node, "axis", 0)), rank) if rank is not None else None
+    if axis is not None and axis == ax.axis and _identity_gather(ctx, node, ax, axis, ival):
+        return [0]
     if axis is None or axis == ax.axis or ival is None:
         ctx.block(ax, node, "Gather along the channel axis (or with computed indices)")
         return [0]
     new_axis = ax.axis if ax.axis < axis else ax.axis - 1 + ival.ndim
     ctx.set_axis(node.outputs[0], ChannelAxis(new_axis, ax.segments))
     return [0]
+
+
+def _identity_gather(ctx: Context, node: gs.Node, ax: ChannelAxis, axis: int, ival) -> bool:
+    """A Gather that takes every channel in order along one axis of its indices (dynamo writes the
+    ``as_strided`` of an adaptive pool to ``[N, C, 1, 1]`` so): the channels move to that axis, and the
+    indices are rewritten to ``0..kept-1``."""
+    total = ctx.total(ax)
+    if ival is None or ax.outer != 1 or ax.stack is not None or ival.size != total:
+        return False
+    along = [k for k, d in enumerate(ival.shape) if d != 1]
+    if len(along) > 1 or not np.array_equal(ival.reshape(-1), np.arange(total)):
+        return False
+    k = along[0] if along else 0
+    out = ChannelAxis(axis + k, ax.segments)
+    ctx.fixes.append(AxisFix("iota", node.name, node.outputs[0].name, k))
+    ctx.set_axis(node.outputs[0], out)
+    return True
 
 
 @rule("Pad")

@@ -16,6 +16,8 @@ from typing import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..model_io import constant_values
+
 PRODUCER = "producer"  # weights whose output axis creates the channels (averaged)
 CONSUMER = "consumer"  # weights whose input axis reads the channels (summed)
 PARAM = "param"  # per-channel parameters along the channels (averaged)
@@ -85,9 +87,11 @@ class AxisFix:
 
     ``kind`` is ``"shape"`` (entry ``index`` of the shape constant of node
     ``node``), ``"group"`` (the ``group`` attribute of a depthwise Conv),
-    ``"split"`` (the split sizes of a Split: one size per entry of ``parts``)
-    or ``"slice"`` (entry ``index`` of a Slice's starts/ends: ``parts`` is
-    (segments before the slice, segments kept by the slice)).
+    ``"split"`` (the split sizes of a Split: one size per entry of ``parts``),
+    ``"slice"`` (entry ``index`` of a Slice's starts/ends: ``parts`` is
+    (segments before the slice, segments kept by the slice)) or ``"iota"``
+    (the indices of a Gather that takes every channel in order: ``0..n-1``
+    along axis ``index`` of the indices).
     """
 
     kind: str
@@ -428,13 +432,13 @@ class Context(Members):
     @staticmethod
     def const(tensor: gs.Tensor) -> np.ndarray | None:
         if isinstance(tensor, gs.Constant):
-            return np.asarray(tensor.values)
+            return constant_values(tensor)  # not cached in the graph: the loaded model keeps the one copy
         return None
 
     @staticmethod
     def shape(tensor: gs.Tensor) -> list | None:
         if isinstance(tensor, gs.Constant):
-            return list(tensor.values.shape)
+            return list(tensor.shape)
         if tensor.shape is None:
             return None
         return [d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) and d else None) for d in tensor.shape]
