@@ -332,7 +332,6 @@ class _Runner:
         self.cache: dict[str, list[np.ndarray]] = {}
         self.done: set[str] = set()  # outputs of the nodes whose results are cached or consumed
         self.dropped = False  # a cache did not fit in the budget: calls run from the graph inputs again
-        self.sessions = 0  # onnxruntime sessions built (one per call that computes anything)
 
     def cache_bytes(self) -> int:
         return sum(a.nbytes for arrays in self.cache.values() for a in arrays)
@@ -356,7 +355,6 @@ class _Runner:
             dtypes.update({k: v[0].dtype for k, v in self.cache.items()})
             seg = _segment(model, idx, dtypes, outputs)
             sess = _run_session(seg)
-            self.sessions += 1
             inputs = [i.name for i in sess.get_inputs()]
         new_cache: dict[str, list[np.ndarray]] | None = {f: [] for f in frontier} if frontier else None
         for b, feed in enumerate(self.batches):
@@ -706,7 +704,7 @@ def _collect_targets(original: onnx.ModelProto, batches: list[dict], needed: lis
     """One pass of the original model storing the target rows of ``needed`` and of as many ``more`` as fit.
 
     The fallback when the original model's slices cannot be cached (huge
-    feature maps): stored target rows are sub-sampled, so many layers' fit in
+    feature maps): stored target rows are sub-sampled, so many layers fit in
     the memory a slice's input tensors would take.
     """
     chunk = list(needed)
