@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--samples", type=int, default=256, help="random calibration images")
     p.add_argument("--profile", action="store_true", help="also run under cProfile")
+    p.add_argument("--note", default="", help="what this row measures (kept in the JSON)")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("extra", nargs="*", help="more CLI options (after --)")
     args = p.parse_args(argv)
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
     inp = onnx.load(str(model), load_external_data=False).graph.input[0]
     dims = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim][1:]
     row = dict(model=args.model, sparsity=args.sparsity, samples=args.samples, extra=args.extra,
-               cores=len(os.sched_getaffinity(0)), load_start=os.getloadavg(),
+               cores=len(os.sched_getaffinity(0)), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+               note=args.note, load_start=os.getloadavg(),
                measured=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     with tempfile.TemporaryDirectory(prefix="tool-time-") as tmp:
         t = Path(tmp)

@@ -12,8 +12,10 @@ Recovery runs in *waves* from the input towards the output: a wave holds the
 layers none of whose upstream layers are still waiting, so every layer is
 solved on the real inputs of the already-recovered pruned model.  A wave
 runs only its slice of the pruned graph (from tensors the previous wave
-left, kept within a memory budget), and the original model's target rows
-of many layers come from one pass.  Recovery fits on the calibration
+left, kept within a memory budget) and, batch by batch next to it, its
+slice of the original graph for the targets: over all waves the original
+model runs once, and target rows go into the statistics as they come
+instead of being stored.  Recovery fits on the calibration
 batches and is checked on held-back ones, per layer and for the whole
 model's outputs; what got worse there is put back.
 """
@@ -329,6 +331,10 @@ class _Runner:
         self.batches, self.budget, self.use_cache = batches, budget, cache
         self.cache: dict[str, list[np.ndarray]] = {}
         self.done: set[str] = set()  # outputs of the nodes whose results are cached or consumed
+        self.dropped = False  # a cache did not fit in the budget: calls run from the graph inputs again
+
+    def cache_bytes(self) -> int:
+        return sum(a.nbytes for arrays in self.cache.values() for a in arrays)
 
     def run(self, model: onnx.ModelProto, wanted: list[str]):
         """Yield ``(batch index, {name: array})`` for every batch."""
@@ -360,6 +366,7 @@ class _Runner:
                     new_cache[f].append(have[f])
                 if b == 0 and sum(have[f].nbytes for f in frontier) * len(self.batches) > self.budget():
                     new_cache = None  # too big to keep: the next call starts from the graph inputs
+                    self.dropped = True
             yield b, {w: have[w] for w in wanted}
         if new_cache is None:
             self.cache, self.done = {}, set()
@@ -377,15 +384,25 @@ class _Layer:
     target: str  # tensor whose original value is the target: the node's output or its bias Add's
     fit_bias: bool
     out_map: np.ndarray | None
-    fit: recovery.Stats
-    held: recovery.Stats
+    fit: recovery.Stats | None  # made by ``stats`` when the layer's wave starts: the Gram matrices of all
+    held: recovery.Stats | None  # layers at once would take gigabytes on a transformer
     selected: dict[int, tuple] = field(default_factory=dict)  # batch -> (rows or positions, target rows, out hw)
     rng: np.random.Generator | None = None
+    stats: Callable[[], tuple[recovery.Stats, recovery.Stats]] | None = None  # makes (fit, held)
+
+    def open(self) -> None:
+        if self.fit is None:
+            self.fit, self.held = self.stats()
+
+    def close(self) -> None:
+        self.fit = self.held = None
 
     def __post_init__(self):
         # A 0/1 selection map (plain pruning, target "kept") picks columns: stored targets are only the
         # kept columns (half the memory at 0.5) and need no float64 product with the map.
         self.cols = _selected_columns(self.out_map)
+        if self.cols is not None:
+            self.out_map = None  # (kept x all) float64, tens of MB per wide layer: the columns say the same
 
     def _targets(self, rows: np.ndarray) -> np.ndarray:
         return rows if self.cols is None else rows[:, self.cols]
@@ -416,9 +433,9 @@ class _Layer:
         else:
             xr = x.reshape(-1, 1, x.shape[-1])
             xr = xr if rows is None else xr[rows]
-        t = yr.astype(np.float64)
+        t = yr  # float32 as computed; a mixing map is applied in float64
         if self.out_map is not None and self.cols is None:
-            t = t @ self.out_map.T
+            t = t.astype(np.float64) @ self.out_map.T
         (self.held if held else self.fit).add(xr, t.reshape(t.shape[0], self.lin.groups, -1))
 
     def target_bytes(self, rows: int) -> int:
@@ -478,8 +495,13 @@ def _make_layer(index: int, node: gs.Node, analysis: Analysis, maps: dict, sizes
     out_map = None if out_axis is None else recovery.output_map(out_axis.segments, analysis.space_group, maps, sizes)
     fit_bias = node.op != "MatMul" or fused is not None
     args = (lin.groups, lin.weight.shape[1], lin.weight.shape[2])
-    fit = recovery.Stats(*args, fit_bias=fit_bias, keep_rows=recovery.EWR_ROWS if mode == "ewr" else 0, seed=seed)
-    return _Layer(index, node, lin, bias, target, fit_bias, out_map, fit, recovery.Stats(*args, fit_bias=fit_bias))
+
+    def stats() -> tuple[recovery.Stats, recovery.Stats]:
+        keep = recovery.EWR_ROWS if mode == "ewr" else 0
+        return (recovery.Stats(*args, fit_bias=fit_bias, keep_rows=keep, seed=seed),
+                recovery.Stats(*args, fit_bias=fit_bias))
+
+    return _Layer(index, node, lin, bias, target, fit_bias, out_map, None, None, stats=stats)
 
 
 def _write(layer: _Layer, new: np.ndarray) -> None:
@@ -535,7 +557,8 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
             feeds: list[dict], mode: str, *, holdback: list[dict] | None = None,
             alpha: float = recovery.DEFAULT_ALPHA, eps: float = recovery.DEFAULT_EWR_EPS,
             max_rows: int = DEFAULT_MAX_ROWS, seed: int = 0, target: str = "kept",
-            memory_budget: int | None = None, one_at_a_time: bool = False, check_layers: bool = True,
+            memory_budget: int | None = None, one_at_a_time: bool = False, store_targets: bool = False,
+            check_layers: bool = True,
             progress: Progress | None = None) -> RecoveryResult:
     """Re-solve, in place in ``graph`` (already rewritten by the maps), every pruned or downstream linear layer.
 
@@ -555,11 +578,14 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
     averaged pre-activations lose information through the next ReLU.  The
     fused weights stay the ridge prior either way.
 
-    Statistics of a whole wave come from one slice of the pruned graph (see
-    :class:`_Runner`); the original model's targets of as many layers as
-    ``memory_budget`` bytes allow (default: a quarter of the available
-    memory) come from one pass.  ``one_at_a_time`` solves one layer per
-    pass over the whole graphs instead (a reference for tests).
+    Statistics of a whole wave come from one slice of the pruned graph and
+    one of the original graph, run in lockstep (see :class:`_Runner`); the
+    tensors the next slices start from are kept while they fit in
+    ``memory_budget`` bytes (default: a quarter of the available memory).
+    When the original's do not, the target rows of as many layers as fit
+    come from one whole pass and are stored (``store_targets`` does so from
+    the start).  ``one_at_a_time`` solves one layer per pass over the whole
+    graphs instead (both are references for tests).
     """
     maps = {gid: m for gid, m in maps.items() if not m.is_identity}
     if mode == "none" or not maps or not feeds:
@@ -595,9 +621,15 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
     if holdback:
         reference = _outputs(original, holdback)
         before = output_distortion(reference, _outputs(model_io.to_model(graph, original, infer=False), holdback))
-    stored: list[_Layer] = []  # layers whose targets are in memory
-    runner = _Runner(batches, lambda: budget_total - sum(l.target_bytes(per_image * n_all) for l in stored),
-                     cache=not one_at_a_time)
+    stored: list[_Layer] = []  # layers whose targets are in memory (only once the original's slices do not fit)
+    rows = per_image * n_all
+
+    def stored_bytes() -> int:
+        return sum(l.target_bytes(rows) for l in stored)
+
+    runner = _Runner(batches, lambda: budget_total - stored_bytes() - targets.cache_bytes(), cache=not one_at_a_time)
+    targets = _Runner(batches, lambda: budget_total - stored_bytes() - runner.cache_bytes(), cache=not one_at_a_time)
+    targets.dropped = store_targets
     undo = _Undo()
     results: list[LayerRecovery] = []
     done = 0
@@ -606,17 +638,24 @@ def recover(graph: gs.Graph, original: onnx.ModelProto, analysis: Analysis, maps
         wave = wave[:1] if one_at_a_time else wave
         pending = [l for l in pending if l not in wave]
         missing = [l for l in wave if l not in stored]
-        if missing:
-            _collect_targets(original, batches, missing, [] if one_at_a_time else pending, stored,
-                             budget_total, per_image * n_all, per_image, masks)
+        if missing and targets.dropped:
+            _collect_targets(original, batches, missing, pending, stored, budget_total, rows, per_image, masks)
+            missing = []
         model = model_io.to_model(graph, original, infer=False)
+        for layer in wave:
+            layer.open()
         with _one_blas_thread():
-            for b, xs in runner.run(model, [l.node.inputs[0].name for l in wave]):
+            for b, xs, ys in _lockstep(runner.run(model, [l.node.inputs[0].name for l in wave]),
+                                       targets.run(original, [l.target for l in missing]) if missing else None):
+                for layer in missing:
+                    layer.select(b, ys[layer.target], batches[b], per_image, masks)
                 for layer in wave:
                     layer.add(b, xs[layer.node.inputs[0].name], b >= n_fit)
         for layer in wave:
-            stored.remove(layer)
+            if layer in stored:
+                stored.remove(layer)
             results.append(_solve(layer, mode, alpha, eps, undo, check_layers))
+            layer.close()
         done += len(wave)
         if progress:
             progress(f"  recovered {done} layers")
@@ -645,10 +684,29 @@ def _wave_order(layers: list[_Layer], anc: dict[str, set[str]]) -> list[_Layer]:
     return order
 
 
+def _lockstep(inputs, targets):
+    """``(b, inputs of batch b, original tensors of batch b or None)``, running both generators to their end.
+
+    The original model's slice of a wave runs batch by batch next to the
+    pruned one, so a target row goes into the statistics as soon as it is
+    computed: targets are never stored for all batches.
+    """
+    for b, xs in inputs:
+        ys = None if targets is None else next(targets)[1]
+        yield b, xs, ys
+    for _ in targets or ():  # let the runner keep its cache
+        pass
+
+
 def _collect_targets(original: onnx.ModelProto, batches: list[dict], needed: list[_Layer], more: list[_Layer],
                      stored: list[_Layer],
                      budget: int, rows: int, per_image: int, masks: list[str]) -> None:
-    """One pass of the original model storing the target rows of ``needed`` and of as many ``more`` as fit."""
+    """One pass of the original model storing the target rows of ``needed`` and of as many ``more`` as fit.
+
+    The fallback when the original model's slices cannot be cached (huge
+    feature maps): stored target rows are sub-sampled, so many layers fit in
+    the memory a slice's input tensors would take.
+    """
     chunk = list(needed)
     used = sum(l.target_bytes(rows) for l in stored + chunk)
     for layer in more:
@@ -674,15 +732,19 @@ WORSE_TOLERANCE = 1e-6
 def _solve(layer: _Layer, mode: str, alpha: float, eps: float, undo: _Undo, check: bool) -> LayerRecovery:
     """Fit on the fit rows; keep the old weights when the held-back rows say the fit is worse."""
     prior = recovery.augment(layer.lin, layer.fit_bias)
-    with _one_blas_thread():
-        new, used = recovery.solve_validated(mode, layer.fit, layer.held if check else None, prior, alpha, eps)
-    row = LayerRecovery(layer.node.name, layer.node.op, layer.fit.n, round(layer.fit.relative_error(prior), 6),
-                        round(layer.fit.relative_error(new), 6), alpha=used)
+    with _one_blas_thread():  # every error below is computed once (each is a product with a Gram matrix)
+        new, used, held_after = recovery.solve_validated(mode, layer.fit, layer.held if check else None, prior,
+                                                         alpha, eps)
+        row = LayerRecovery(layer.node.name, layer.node.op, layer.fit.n, round(layer.fit.relative_error(prior), 6),
+                            round(layer.fit.relative_error(new), 6), alpha=used)
+        if layer.held.n:
+            held_before = layer.held.relative_error(prior)
+            held_after = layer.held.relative_error(new) if held_after is None else held_after
     if layer.held.n:
         row.held_back_rows = layer.held.n
-        row.held_back_before = round(layer.held.relative_error(prior), 6)
-        row.held_back_after = round(layer.held.relative_error(new), 6)
-        if check and layer.held.relative_error(new) > layer.held.relative_error(prior) * (1 + WORSE_TOLERANCE) + 1e-12:
+        row.held_back_before = round(held_before, 6)
+        row.held_back_after = round(held_after, 6)
+        if check and held_after > held_before * (1 + WORSE_TOLERANCE) + 1e-12:
             row.kept = UNRECOVERED
             return row
     undo.save(layer)

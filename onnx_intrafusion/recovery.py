@@ -326,23 +326,26 @@ ALPHA_STEPS = (1.0, 10.0, 100.0)
 
 
 def solve_validated(mode: str, stats: Stats, held: Stats | None, prior: np.ndarray, alpha: float = DEFAULT_ALPHA,
-                    eps: float = DEFAULT_EWR_EPS) -> tuple[np.ndarray, float]:
-    """(weights, ridge used): with held-back statistics, lstsq keeps the ``ALPHA_STEPS`` ridge that predicts them best.
+                    eps: float = DEFAULT_EWR_EPS) -> tuple[np.ndarray, float, float | None]:
+    """(weights, ridge used, their held-back relative error or None when not computed).
 
-    A fixed ridge relative to the mean input energy is too weak when a
-    layer has few informative rows for its width (short sequences, wide
-    FFN inputs): the fit then follows noise.  The held-back rows pick the
-    strength per layer; the first (weakest) wins ties.
+    With held-back statistics, lstsq keeps the ``ALPHA_STEPS`` ridge that
+    predicts them best.  A fixed ridge relative to the mean input energy is
+    too weak when a layer has few informative rows for its width (short
+    sequences, wide FFN inputs): the fit then follows noise.  The held-back
+    rows pick the strength per layer; the first (weakest) wins ties.  The
+    error is returned so the caller's never-worse check need not compute it
+    again (each costs a product with the Gram matrix).
     """
     if mode != "lstsq" or held is None or not held.n:
-        return solve(mode, stats, prior, alpha, eps), alpha
+        return solve(mode, stats, prior, alpha, eps), alpha, None
     best = None
     for step in ALPHA_STEPS:
         new = solve(mode, stats, prior, alpha * step, eps)
         err = held.relative_error(new)
         if best is None or err < best[0]:
             best = (err, new, alpha * step)
-    return best[1], best[2]
+    return best[1], best[2], best[0]
 
 
 def output_map(segments, space_group: dict[int, int], maps: dict, sizes: dict[int, int]) -> np.ndarray | None:

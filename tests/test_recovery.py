@@ -162,7 +162,8 @@ def test_waves_give_the_same_weights_as_one_layer_at_a_time(name):
     for label, kwargs in {"waves": {}, "one": dict(one_at_a_time=True),
                           "no cache": dict(memory_budget=1)}.items():
         graph, analysis, maps = _prepared(model, 0.5, "intrafusion")
-        result = activations.recover(graph, model, analysis, maps, feeds, "lstsq", holdback=held, max_rows=512)
+        result = activations.recover(graph, model, analysis, maps, feeds, "lstsq", holdback=held, max_rows=512,
+                                     **kwargs)
         weights = {n.name: np.asarray(n.inputs[1].values) for n in graph.nodes if n.name in
                    {r.node for r in result.layers}}
         out[label] = (weights, result)
