@@ -139,12 +139,17 @@ def _fmt(dims: list[int | None]) -> str:
     return "[" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + "]"
 
 
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs fix (an exported ``[8, 3, 224, 224]``), or None when it is dynamic."""
+    fixed = {dims[0] for dims, _ in input_specs(model).values() if dims and dims[0] is not None}
+    return fixed.pop() if fixed else None
+
+
 def batches(arrays: dict[str, np.ndarray], model: onnx.ModelProto, batch: int = 64) -> list[dict[str, np.ndarray]]:
     """Feed dicts of ``batch`` samples (or the model's fixed batch size; a remainder is dropped then)."""
     n = next(iter(arrays.values())).shape[0]
-    fixed = {dims[0] for dims, _ in input_specs(model).values() if dims and dims[0] is not None}
-    if fixed:
-        size = fixed.pop()
+    size = fixed_batch(model)
+    if size is not None:
         if n < size:
             raise UsageError(f"the model has a fixed batch size {size} but only {n} calibration samples were given")
         stop = n - n % size
@@ -163,8 +168,8 @@ HOLDBACK_FRACTION = 0.1
 HOLDBACK_MIN = 4
 
 
-def split_holdback(arrays: dict[str, np.ndarray], fraction: float = HOLDBACK_FRACTION, seed: int = 0
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def split_holdback(arrays: dict[str, np.ndarray], fraction: float = HOLDBACK_FRACTION, seed: int = 0,
+                   multiple: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(fit, held back): a deterministic random split of the calibration samples.
 
     Every fitted step (recovery, distillation, sensitivity) is judged on the
@@ -172,11 +177,17 @@ def split_holdback(arrays: dict[str, np.ndarray], fraction: float = HOLDBACK_FRA
     after" is an honest comparison.  The split is random (seeded) rather than
     the last samples, because users often concatenate data sorted by class.
     With fewer than ``2 * HOLDBACK_MIN`` samples, half are held back.
+    ``multiple`` (a model's fixed batch size) rounds the held-back count up
+    to whole batches.
     """
     n = sample_count(arrays)
     if n < 2:
         raise UsageError(f"at least 2 calibration samples are needed to hold some back, got {n}")
     held = max(int(round(n * fraction)), min(HOLDBACK_MIN, n // 2), 1)
+    if multiple > 1 and n >= 2 * multiple:
+        # A fixed-batch model runs whole batches only: hold back whole batches, or the
+        # remainder would be dropped (and fewer than one batch would disable every check).
+        held = min(-(-held // multiple) * multiple, (n // multiple - 1) * multiple)
     order = np.random.default_rng([seed, 0x401DBAC]).permutation(n)
     back, fit = np.sort(order[:held]), np.sort(order[held:])
     return ({k: v[fit] for k, v in arrays.items()}, {k: v[back] for k, v in arrays.items()})
@@ -199,7 +210,7 @@ class Holdback:
     def of(cls, arrays: dict[str, np.ndarray], model: onnx.ModelProto, seed: int = 0) -> "Holdback":
         if sample_count(arrays) < 2:
             return cls(arrays, None)
-        fit, held = split_holdback(arrays, seed=seed)
+        fit, held = split_holdback(arrays, seed=seed, multiple=fixed_batch(model) or 1)
         try:
             batches(held, model)
         except UsageError:  # fewer held-back samples than the model's fixed batch size
@@ -212,4 +223,4 @@ class Holdback:
         return {k: v[:cap] for k, v in chosen.items()}
 
 
-__all__ = ["Holdback", "read", "match", "batches", "input_specs", "sample_count", "split_holdback"]
+__all__ = ["Holdback", "fixed_batch", "read", "match", "batches", "input_specs", "sample_count", "split_holdback"]

@@ -421,7 +421,7 @@ def analyse(original: onnx.ModelProto, graph: gs.Graph, analysis: Analysis, plan
     levels = check_levels(levels)
     selected = None if group_ids is None else set(group_ids)
     todo = analysis.prunable(selected)
-    fit, held = calibration_mod.split_holdback(arrays, seed=seed)
+    fit, held = calibration_mod.split_holdback(arrays, seed=seed, multiple=calibration_mod.fixed_batch(original) or 1)
     fit_feeds, held_feeds = calibration_mod.batches(fit, original), calibration_mod.batches(held, original)
     from .validate import run as ort_run
 

@@ -183,6 +183,24 @@ def test_lstsq_restores_linear_model_after_pruning_duplicates():
     assert_valid(fixed.model, model)
 
 
+def test_a_fixed_batch_model_holds_back_whole_batches_and_recovery_is_checked():
+    """A model exported with batch 8 and 64 samples: 10% would be 6 samples, less than one batch."""
+    from onnx_intrafusion import calibration
+
+    rng = np.random.default_rng(7)
+    model = _linear_model(rng.standard_normal((8, 6)), rng.standard_normal((3, 8)))
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 8  # clears the symbolic batch
+    x = {"x": rng.standard_normal((64, 6)).astype(np.float32)}
+    split = calibration.Holdback.of(x, model, seed=0)
+    assert split.held is not None and len(split.held["x"]) == 8 and len(split.fit["x"]) == 56
+    result = prune(model, 0.5, "prune", calibration=x, recover="lstsq", validate=False)
+    assert result.report.recovery_model is not None  # the never-worse check ran on the held-back batch
+    assert result.report.recovery_model["held_back_samples"] == 8
+    # Dynamic batch: the usual 10% (rounded), no rounding to batches.
+    assert len(calibration.split_holdback(x, seed=0)[1]["x"]) == 6
+
+
 @pytest.mark.parametrize("mode", ["bias", "lstsq", "ewr"])
 def test_recovery_on_degenerate_calibration_fits_that_data(mode):
     """Constant calibration inputs (all zero, all 1e4): the Gram matrices are rank one.  Recovery
