@@ -66,31 +66,3 @@ def test_fold_reads_shape_start_and_end(first_dim):
         None, {"x": np.zeros((2, 5, 7), np.float32)})[0]
     assert int(got) == 7
 
-
-def test_nan_guard_isnan_not_where_keeps_channels_prunable():
-    """conv1 -> ReLU -> Where(Not(IsNaN(r)), r, 0) (a NaN guard) -> conv2 -> ... : per element, so the
-    dead channels of the chain model (test_dead_channels) are removed exactly, outputs unchanged."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    from conftest import assert_same_outputs, assert_valid
-    from onnx_intrafusion import prune
-    from test_dead_channels import _model, chain_model
-
-    base, dead = chain_model()
-    nodes = list(base.graph.node)
-    at = next(i for i, n in enumerate(nodes) if n.op_type == "Relu") + 1
-    guard = [helper.make_node("IsNaN", ["r1"], ["nan"]), helper.make_node("Not", ["nan"], ["ok"]),
-             helper.make_node("Where", ["ok", "r1", "zero"], ["g1"])]
-    for n in nodes[at:]:
-        n.input[:] = ["g1" if i == "r1" else i for i in n.input]
-    inits = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer} | {"zero": np.float32(0.0)}
-    model = _model(nodes[:at] + guard + nodes[at:], inits)
-    result = prune(model, sparsity=0.375, method="prune", validate=False)
-    assert_valid(result.model, model)
-    removed = {}
-    for row in result.report.pruned_groups:
-        producer = next(p for p in row.producers if p in dead)
-        removed[producer] = sorted(set(range(row.channels_before)) - set(row.kept))
-    assert removed == dead, result.report.to_text()
-    assert_same_outputs(result.model, model, atol=1e-5)
