@@ -53,10 +53,44 @@ def quiet_graphsurgeon():
         logger.severity = previous
 
 
+def _fold_ranged_shapes(graph: gs.Graph) -> list[tuple[gs.Variable, list]]:
+    """Fold ``Shape`` nodes with ``start``/``end`` ourselves; hide the rest from graphsurgeon.
+
+    graphsurgeon (0.6.x) folds ``Shape`` (and ``Gather``/``Slice`` of it) from
+    the input's full shape, ignoring ``start``/``end`` (opset 15): the dynamo
+    exporter's ``Shape(x, start=1, end=2)`` (a sequence length) would become
+    the whole shape.  Those of a static input are replaced by the correct
+    constant; the others get their input's shape hidden (graphsurgeon then
+    leaves them alone) and the caller restores it.
+    """
+    hidden = []
+    for node in graph.nodes:
+        if node.op != "Shape" or not ({"start", "end"} & set(node.attrs)):
+            continue
+        tensor = node.inputs[0]
+        shape = tensor.shape
+        if shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+            out = node.outputs[0]
+            out.to_constant(np.array(shape[node.attrs.get("start", 0):node.attrs.get("end", len(shape))],
+                                     dtype=np.int64))
+            out.inputs.clear()
+        elif shape is not None:
+            hidden.append((tensor, shape))
+            tensor.shape = None
+    return hidden
+
+
 def fold(graph: gs.Graph) -> gs.Graph:
     """Fold constant subgraphs in place, quietly; returns the graph."""
+    hidden = _fold_ranged_shapes(graph)
     with quiet_graphsurgeon():
-        graph.fold_constants(error_ok=True).cleanup().toposort()
+        try:
+            graph.fold_constants(error_ok=True)
+        finally:
+            for tensor, shape in hidden:
+                if isinstance(tensor, gs.Variable):  # not folded meanwhile
+                    tensor.shape = shape
+        graph.cleanup().toposort()
     return graph
 
 

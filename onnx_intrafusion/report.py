@@ -80,7 +80,10 @@ def mac_count(model: onnx.ModelProto) -> MacCount:
     Dynamic dimensions other than the batch take ``DEFAULT_DYNAMIC_DIM``.
     Shapes are inferred on a weightless copy first (fast); when some are
     still unknown (sizes computed at run time from ``Shape`` ops), constants
-    are folded on the real model and shapes inferred again.  A count that
+    are folded on the real model with every graph input static and shapes
+    inferred again: the dynamo exporter reads dynamic dims with ranged
+    ``Shape(x, start, end)`` ops, which :func:`model_io.fold` folds to the
+    concrete sizes, so attention reshapes and masks get static shapes.  A count that
     still misses nodes is reported as unknown with the reason, never as a
     silently smaller number.
     """

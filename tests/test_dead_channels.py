@@ -98,8 +98,22 @@ def concat_residual_model():
     return _model(nodes, inits), {"a": [2], "b": [0, 5], "c": [1, 4]}
 
 
-@pytest.mark.parametrize("build, sparsity", [(chain_model, 0.375), (concat_residual_model, 0.25)],
-                         ids=["chain", "concat_residual"])
+def nan_guard_model():
+    """The chain model with a NaN guard after the first ReLU: Where(Not(IsNaN(r1)), r1, 0), per element."""
+    base, dead = chain_model()
+    nodes = list(base.graph.node)
+    at = next(i for i, n in enumerate(nodes) if n.op_type == "Relu") + 1
+    for n in nodes[at:]:
+        n.input[:] = ["g1" if i == "r1" else i for i in n.input]
+    guard = [helper.make_node("IsNaN", ["r1"], ["nan"]), helper.make_node("Not", ["nan"], ["ok"]),
+             helper.make_node("Where", ["ok", "r1", "zero"], ["g1"])]
+    inits = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer} | {"zero": np.float32(0.0)}
+    return _model(nodes[:at] + guard + nodes[at:], inits), dead
+
+
+@pytest.mark.parametrize("build, sparsity",
+                         [(chain_model, 0.375), (concat_residual_model, 0.25), (nan_guard_model, 0.375)],
+                         ids=["chain", "concat_residual", "nan_guard"])
 def test_pruning_removes_exactly_the_dead_channels_and_keeps_the_outputs(build, sparsity):
     model, dead = build()
     result = prune(model, sparsity=sparsity, method="prune", validate=False)

@@ -12,7 +12,7 @@ from .rules import rule
 UNARY = (
     "Relu LeakyRelu Sigmoid HardSigmoid HardSwish Tanh Gelu Elu Selu Celu Softplus Softsign Mish "
     "Erf Abs Neg Exp Log Sqrt Reciprocal Floor Ceil Round Sign Sin Cos ThresholdedRelu Identity "
-    "Cast Swish Relu6"
+    "Cast Swish Relu6 IsNaN IsInf Not"
 ).split()
 
 
