@@ -200,7 +200,7 @@ class Holdback:
     Recovery, distillation, validation and int8 calibration all use this one
     split, so no step is ever judged on samples another step fitted on.
     ``held`` is None when there are too few samples to hold any back (one
-    sample, or fewer held-back samples than a fixed batch size): then
+    sample, or less than two batches of a fixed batch size): then
     ``fit`` is every sample and fitted steps run unchecked.
     """
     fit: dict[str, np.ndarray]
@@ -208,14 +208,10 @@ class Holdback:
 
     @classmethod
     def of(cls, arrays: dict[str, np.ndarray], model: onnx.ModelProto, seed: int = 0) -> "Holdback":
-        if sample_count(arrays) < 2:
+        multiple = fixed_batch(model) or 1
+        if sample_count(arrays) < 2 * multiple:  # one sample, or less than two whole batches
             return cls(arrays, None)
-        fit, held = split_holdback(arrays, seed=seed, multiple=fixed_batch(model) or 1)
-        try:
-            batches(held, model)
-        except UsageError:  # fewer held-back samples than the model's fixed batch size
-            return cls(arrays, None)
-        return cls(fit, held)
+        return cls(*split_holdback(arrays, seed=seed, multiple=multiple))
 
     def validation(self, cap: int) -> dict[str, np.ndarray]:
         """At most ``cap`` samples to validate on: held-back ones (never fitted on) when there are any."""
