@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
+from . import mapped
 from .errors import ModelError, OutputError, ValidationError
 
 #: Models whose serialised size passes this are saved with external data
@@ -120,6 +121,31 @@ def fold_shapes(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
+_MALLOC_TRIM = None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed since the last call back to the operating system.
+
+    glibc's allocator keeps freed blocks for reuse, and after a large block
+    is freed it raises its threshold for mapping new ones separately: an
+    onnxruntime session's buffers or a stage's arrays then stay in the
+    process after they are gone (about 130 MB after ResNet-50's reference
+    run).  ``malloc_trim`` returns them; elsewhere this does nothing.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
 @dataclass
 class LoadedModel:
     """The user's model as loaded, and where it came from."""
@@ -131,14 +157,31 @@ class LoadedModel:
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
     return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
+        t.data_location == onnx.TensorProto.EXTERNAL and not mapped.is_mapped(t) for t in model.graph.initializer
     )
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
-    """Read a model from a path or take a ModelProto; external data is loaded.
+def _read_mapped(path: Path) -> onnx.ModelProto:
+    """The model at ``path`` with its large weights mapped (:mod:`mapped`), or parsed whole when the
+    wire scan fails, so that an unreadable file gets onnx's own reason."""
+    try:
+        return mapped.load_mapped(path)
+    except OSError:
+        raise
+    except Exception:  # noqa: BLE001 - not a message the scan can walk: onnx.load reads it or says why
+        return onnx.load(str(path), load_external_data=False)
 
-    Raises :class:`ModelError` with a one-line reason for anything unreadable.
+
+def load_model(source: str | os.PathLike | onnx.ModelProto, keep_mapped: bool = False) -> LoadedModel:
+    """Read a model from a path or take a ModelProto.
+
+    From a path, large float weights are mapped (:mod:`mapped`): with
+    ``keep_mapped`` they stay in the file (or its external data) and are
+    read on demand, so the caller holds no copy of the original weights
+    (graphs from :func:`to_graph` read them; onnxruntime needs
+    :func:`materialized` or the file); otherwise they are read in once at
+    the end, an ordinary self-contained ModelProto.  Raises
+    :class:`ModelError` with a one-line reason for anything unreadable.
     The input file is only ever opened for reading.
     """
     if isinstance(source, onnx.ModelProto):
@@ -165,22 +208,28 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         except OSError as exc:
             raise ModelError(f"input model cannot be accessed: {path} ({_short(exc)})") from None
         try:
-            model = onnx.load(str(path), load_external_data=False)
+            model = _read_mapped(path)
         except PermissionError:
             raise ModelError(f"input model is not readable (permission denied): {path}") from None
         except Exception as exc:  # noqa: BLE001 - any parse failure means: not a model we can read
             raise ModelError(f"input is not a readable ONNX model: {path} ({_short(exc)})") from None
         if not model.graph.node and not model.graph.output:
             raise ModelError(f"input is not an ONNX model (no graph): {path}")
-        external = _uses_external_data(model)
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL and not mapped.is_mapped(t)
+                       for t in model.graph.initializer)
         if external:
             try:
-                onnx.load_external_data_for_model(model, str(path.parent))
+                mapped.map_external(model, path.parent)
             except Exception as exc:  # noqa: BLE001 - missing, unreadable or outside the model's folder
                 raise ModelError(
                     f"external data of {path} is missing or cannot be read: {_short(exc)}"
                 ) from None
     _check_supported(model, path)
+    if not keep_mapped:
+        try:
+            model = mapped.materialized(model)
+        except OSError as exc:
+            raise ModelError(f"input model cannot be read: {path} ({_short(exc)})") from None
     return LoadedModel(model=model, path=path, external_data=external)
 
 
@@ -193,7 +242,7 @@ def input_files(path: str | os.PathLike) -> list[Path]:
     files = [path]
     try:
         if path.is_file():
-            model = onnx.load(str(path), load_external_data=False)
+            model = _read_mapped(path)
             for init in model.graph.initializer:
                 if init.data_location == onnx.TensorProto.EXTERNAL:
                     for entry in init.external_data:
@@ -284,10 +333,9 @@ def _check_supported(model: onnx.ModelProto, path: Path | None = None) -> None:
 
     Invalid: fails onnx.checker (with strict shape inference), or weights whose
     stored bytes do not match their shape.  Refused: opset < 9, training
-    graphs, quantized graphs.  The checker reads ``path`` itself when given
-    (checking a ModelProto serialises a full copy of it first), and shape
-    inference runs on a :func:`weightless` copy: no second copy of the
-    weights is made.
+    graphs, quantized graphs.  The checker and shape inference run on
+    copies without the mapped weights (:func:`_checkable`,
+    :func:`weightless`): no copy of the weights is made.
     """
     opset = default_opset(model)
     if opset < MIN_OPSET:
@@ -299,7 +347,7 @@ def _check_supported(model: onnx.ModelProto, path: Path | None = None) -> None:
     small = byte_size(model) < 2**31 - 1
     try:
         if small:
-            onnx.checker.check_model(model if path is None else str(path))
+            onnx.checker.check_model(_checkable(model))
     except Exception as exc:  # noqa: BLE001 - ValidationError and C++ failures alike
         raise ModelError(f"input model fails onnx.checker: {_short(exc)}") from None
     bad = _raw_sizes_ok(model)
@@ -325,6 +373,47 @@ def _check_supported(model: onnx.ModelProto, path: Path | None = None) -> None:
             onnx.shape_inference.infer_shapes(weightless(model), check_type=True, strict_mode=True)
         except Exception as exc:  # noqa: BLE001 - InferenceError and C++ failures alike
             raise ModelError(f"input model fails ONNX shape inference: {_short(exc)}") from None
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for onnx.checker: mapped weights become graph inputs of their type and shape.
+
+    The checker would read a mapped weight's file relative to the working
+    directory; its size was checked when it was mapped, and as an input it
+    still defines the name every node reads.
+    """
+    if not mapped.uses_mapped(model):
+        return model
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    listed = {i.name for i in light.graph.input}
+    for init in model.graph.initializer:
+        if not mapped.is_mapped(init):
+            light.graph.initializer.append(init)
+        elif init.name not in listed:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return light
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with every mapped weight read in (itself when none is mapped): a self-contained model."""
+    return mapped.materialized(model)
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """``gs.import_onnx(model)``, with mapped weights read through :class:`mapped.MappedValues`."""
+    graph = gs.import_onnx(model)
+    if mapped.uses_mapped(model):
+        for tensor in graph.tensors().values():
+            if (isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues)
+                    and not isinstance(tensor._values, SparseValues) and mapped.is_mapped(tensor._values.tensor)):
+                stored = tensor._values.tensor
+                tensor._values = mapped.MappedValues(stored)
+                # Values written from here on are stored in the model (marked as onnx's loader
+                # marks loaded external data, so the output is the same as from a loaded model).
+                tensor.data_location = onnx.TensorProto.DEFAULT if mapped.from_external_file(stored) else None
+    return graph
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -358,18 +447,18 @@ def _import_inferred(model: onnx.ModelProto) -> gs.Graph:
     afterwards), so the graph's constants refer to ``model``'s own tensors.
     """
     if byte_size(model) >= 2**31 - 1:
-        return gs.import_onnx(model)
+        return import_graph(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort on exotic graphs
-        return gs.import_onnx(model)
+        return import_graph(model)
     saved = {}
     for field in ("value_info", "output"):
         saved[field] = [_copied(v) for v in getattr(model.graph, field)]
         del getattr(model.graph, field)[:]
         getattr(model.graph, field).extend(getattr(inferred.graph, field))
     try:
-        return gs.import_onnx(model)
+        return import_graph(model)
     finally:
         for field, items in saved.items():
             del getattr(model.graph, field)[:]
@@ -384,6 +473,8 @@ def _copied(msg):
 
 def _tensor_dtype(values) -> int | None:
     """ONNX element type of a constant's values (LazyValues or array), None if it has none."""
+    if isinstance(values, mapped.MappedValues):
+        return values.data_type
     if isinstance(values, LazyValues):
         return values.tensor.data_type
     try:
@@ -446,6 +537,11 @@ class WeightValues(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         return constant_values(self._tensors[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The constant's shape, without reading its values."""
+        values = self._tensors[name]._values
+        return tuple(values.shape)
 
     def __iter__(self):
         return iter(self._tensors)
@@ -561,7 +657,7 @@ def _keep_weight_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> No
             # A listed weight that the rewrite replaced (e.g. a shared Reshape shape): keep the
             # original, unused, so that the input name survives.
             init = template_weights[name]
-            model.graph.initializer.append(init)
+            model.graph.initializer.append(mapped.materialized_tensor(init) if mapped.is_mapped(init) else init)
         if init is not None:
             inputs.append(onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims)))
     inputs.extend(current.values())

@@ -44,6 +44,7 @@ class _Timer:
 
     @contextmanager
     def stage(self, name: str):
+        model_io.release_freed_memory()  # what the last stage and the dels since freed
         self.progress.stage(name)
         start = time.perf_counter()
         yield
@@ -144,9 +145,11 @@ def prune(
     timer = _Timer(progress)
 
     with timer.stage("load"):
-        loaded = model_io.load_model(model)
-        original = loaded.model
+        # Data-free runs leave the original weights in the file (read per group); the
+        # data-aware stages run the original in onnxruntime from memory and get them loaded.
+        loaded = model_io.load_model(model, keep_mapped=calib is None)
         split = None
+        original = loaded.model
         if calib is not None:
             calib = calibration_mod.match(calib, original)
             split = calibration_mod.Holdback.of(calib, original, opts.seed)

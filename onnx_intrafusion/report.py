@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .coupling import CONSUMER, PARAM, PRODUCER, Group
-from .model_io import (concrete_input_shapes, fold, fold_shapes, params_count, quiet_graphsurgeon, weightless,
+from .model_io import (concrete_input_shapes, fold, import_graph, fold_shapes, params_count, quiet_graphsurgeon, weightless,
                        with_input_shapes)
 
 
@@ -55,7 +55,7 @@ def _shape_inferred(model: onnx.ModelProto) -> onnx.ModelProto | None:
 def _folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """Shapes computed from Shape ops (legacy chunk/split, attention reshapes), folded on the real weights."""
     try:
-        graph = gs.import_onnx(with_input_shapes(model, concrete_input_shapes(model, batch=1)))
+        graph = import_graph(with_input_shapes(model, concrete_input_shapes(model, batch=1)))
         graph = fold_shapes(fold(graph))
         return onnx.shape_inference.infer_shapes(gs.export_onnx(graph, do_type_check=False), data_prop=True)
     except Exception:  # noqa: BLE001

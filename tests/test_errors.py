@@ -240,7 +240,10 @@ def test_permission_error_while_reading_is_a_model_error(tmp_path, capsys, vgg, 
     def deny(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
+    from onnx_intrafusion import mapped
+
     monkeypatch.setattr(onnx, "load", deny)
+    monkeypatch.setattr(mapped, "load_mapped", deny)  # how the model file is read
     code, _, err = main(capsys, vgg, tmp_path / "o.onnx")
     assert code == 3
     one_line_error(err, "not readable")
