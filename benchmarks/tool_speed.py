@@ -5,12 +5,12 @@ Fresh processes per model and method, all with 2 threads:
 1. the command line exactly as a user runs it (``--report`` for the stage
    timings); wall time, CPU time (user+sys) and peak RSS come from
    ``os.wait4`` on that process alone;
-2. a probe that does what ``cli.main`` does (preload POT and the compiled
-   cost kernel, ``prune`` with the command line's options and a progress
-   callback, ``save_model``) and
+2. a probe that does what ``cli.main`` does (preload POT, ``prune`` with
+   the command line's options and a progress callback, ``save_model``) and
    records the CPU time of every stage and the peak RSS reached by its end
    (``ru_maxrss``), and the RSS after the imports alone (onnxruntime, onnx,
-   SciPy, POT, numba: memory no pruning change removes);
+   SciPy, POT: memory no pruning change removes; numba's kernel is loaded
+   only by runs large enough to need it, see ``plans.use_compiled``);
 3. Torch-Pruning (``--tp-python``, a Python with torch, torchvision and
    torch-pruning; skipped with the reason when missing): its
    ``MagnitudePruner`` (L1, ratio 0.5, the fc layer ignored) on torchvision's
@@ -200,12 +200,10 @@ def probe(src: str, out: str, sparsity: str, method: str) -> None:
     from onnx_intrafusion.cli import build_parser, options_from_args
     from onnx_intrafusion.model_io import save_model
     from onnx_intrafusion.pipeline import prune
-    from onnx_intrafusion.plans import _l1_kernel, preload_pot
+    from onnx_intrafusion.plans import preload_pot
 
     preload_pot()
     after_imports = rss()
-    _l1_kernel()  # numba's compiled cost kernel (loaded from its cache), as the first wide group would
-    after_kernel = rss()
     marks.append(("imports", time.perf_counter() - t0, time.process_time(), peak()))
 
     def progress(msg: str) -> None:
@@ -225,7 +223,7 @@ def probe(src: str, out: str, sparsity: str, method: str) -> None:
         stages[name] = p_next
         cpu[name] = c_next - c
     print(json.dumps(dict(peak_by_end_of=stages, cpu_s_by_stage=cpu, after_imports=after_imports,
-                          after_imports_and_kernel=after_kernel, work_cpu_s=marks[-1][2] - marks[0][2])))
+                          work_cpu_s=marks[-1][2] - marks[0][2])))
 
 
 def mb(n: float) -> str:
@@ -277,18 +275,17 @@ def main(argv=None) -> int:
                        wall_s=statistics.median(r["wall_s"] for r in runs),
                        work_cpu_s=statistics.median(m["work_cpu_s"] for m in mems),
                        peak_rss=peak, peak_over_model=peak / size,
-                       peak_above_imports_over_model=(peak - mem["after_imports_and_kernel"]) / size,
+                       peak_above_imports_over_model=(peak - mem["after_imports"]) / size,
                        timings=mid["timings"], runs=runs, memory=mem, memory_runs=mems,
                        sparsity=args.sparsity, extra=args.extra)
             rows.append(row)
             print(f"{name:<14} {method:<12} {mb(size):>5} {row['cpu_s']:>6.1f} {row['work_cpu_s']:>8.1f} "
                   f"{row['wall_s']:>7.1f} " + " ".join(f"{mid['timings'].get(s, 0):>8.2f}" for s in STAGES)
-                  + f" {mb(peak):>8} {peak / size:>7.1f} {mb(mem['after_imports_and_kernel']):>10}", flush=True)
+                  + f" {mb(peak):>8} {peak / size:>7.1f} {mb(mem['after_imports']):>10}", flush=True)
             print(f"{'':<27} CPU s by stage: " + "  ".join(f"{k} {v:.2f}" for k, v in mem["cpu_s_by_stage"].items())
                   + f"\n{'':<27} peak MB by end of stage: "
                   + "  ".join(f"{k} {mb(v)}" for k, v in mem["peak_by_end_of"].items())
-                  + f"  (after imports {mb(mem['after_imports'])}, + numba kernel "
-                  f"{mb(mem['after_imports_and_kernel'])})", flush=True)
+                  + f"  (after imports {mb(mem['after_imports'])})", flush=True)
     result = dict(load_end=None, threads=THREADS, repeats=args.repeats, rows=rows, torch_pruning=None,
                   torch_pruning_skipped=why_not)
     if not why_not:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from . import allocation as allocation_mod, coupling, importance as importance_mod, plans
+from . import allocation as allocation_mod, coupling, importance as importance_mod, model_io, plans
 from . import sensitivity as sensitivity_mod
 from .coupling import CONSUMER, PARAM, PRODUCER, Analysis, Group
 from .errors import PruneWarning
@@ -103,6 +103,9 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     progress = as_progress(progress)
     maps = {}
     todo = analysis.prunable(selected)
+    compiled = plans.use_compiled(sum(_fusion_work(g, values, (kind_sparsity or {}).get(g.kind, sparsity), round_to,
+                                                   keeps) for g in todo
+                                      if (kind_method or {}).get(g.kind, method) != "prune"))
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
@@ -122,9 +125,27 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 maps[group.id] = plans.selection(group.size, kept)
             else:
                 mass = scores if marginals == "importance" else None
-                maps[group.id] = plans.fusion(plans.normalised_features(features), kept, mass, ot_reg, ot_p)
+                # Each input goes as soon as the next step has what it needs: the members' rows
+                # before the cost matrix, the features (75 MB for ResNet-50's widest group)
+                # before the solver's own memory.
+                del scored
+                feats = plans.normalised_features(features)  # empties `features`
+                cost = plans.cost_matrix(feats, kept, ot_p, compiled)
+                del feats
+                maps[group.id] = plans.fusion_from_cost(cost, kept, mass, ot_reg)
+                del cost
+            model_io.release_freed_memory()  # the group's features and solver memory, before the next one
             steps.advance(detail=f"group {group.id}: {group.size}->{keep}")
     return maps
+
+
+def _fusion_work(group: Group, values, sparsity: float, round_to: int, keeps: dict[int, int] | None) -> int:
+    """Element operations of the group's cost matrix (channels x kept x feature width), from shapes only."""
+    keep = (plans.keep_count(group.size, sparsity, allocation_mod.multiple(group, round_to)) if keeps is None
+            else keeps.get(group.id, group.size))
+    shape = values.shape if isinstance(values, model_io.WeightValues) else (lambda name: np.shape(values[name]))
+    width = sum(int(np.prod(shape(m.constant))) // max(group.size, 1) for m in group.members)
+    return group.size * keep * width
 
 
 def sensitivity_table(original: onnx.ModelProto, graph, analysis: Analysis, values: dict[str, np.ndarray],

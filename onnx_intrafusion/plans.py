@@ -22,24 +22,43 @@ from __future__ import annotations
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-
 import numpy as np
+from scipy import sparse
 from scipy.spatial.distance import cdist, pdist, squareform
 
 METHODS = ("intrafusion", "prune")
 MARGINALS = ("uniform", "importance")
 
 
-@dataclass
 class ChannelMap:
-    kept: np.ndarray  # (k,) indices of the kept channels, ascending
-    average: np.ndarray  # (k, C), rows sum to 1
-    total: np.ndarray  # (k, C), columns sum to 1
+    """How a group's C channels become k: ``kept`` (k,) ascending, and the two k x C matrices.
+
+    ``average`` rows sum to 1, ``total`` columns sum to 1 (see the module
+    docstring).  Both are stored sparse when they are (a selection has one 1
+    per row, an exact transport plan at most C + k - 1 non-zeros): the dense
+    matrices of ResNet-50's plans take 65 MB, kept until the rewrite.  The
+    properties give dense arrays; :meth:`matrix` gives the stored form.
+    """
+
+    def __init__(self, kept: np.ndarray, average, total):
+        self.kept = np.asarray(kept)
+        self._average, self._total = _compact(average), _compact(total)
+
+    def matrix(self, consumer: bool):
+        """``total`` for consumers, ``average`` otherwise, as stored (sparse or dense)."""
+        return self._total if consumer else self._average
+
+    @property
+    def average(self) -> np.ndarray:
+        return _dense(self._average)
+
+    @property
+    def total(self) -> np.ndarray:
+        return _dense(self._total)
 
     @property
     def size(self) -> int:
-        return self.average.shape[1]
+        return self._average.shape[1]
 
     @property
     def keep(self) -> int:
@@ -48,6 +67,18 @@ class ChannelMap:
     @property
     def is_identity(self) -> bool:
         return self.keep == self.size and np.array_equal(self.average, np.eye(self.size))
+
+
+def _compact(matrix):
+    """CSR when at most a quarter of the entries are non-zero, else the dense array."""
+    if sparse.issparse(matrix):
+        return matrix.tocsr()
+    matrix = np.asarray(matrix)
+    return sparse.csr_matrix(matrix) if np.count_nonzero(matrix) <= 0.25 * matrix.size else matrix
+
+
+def _dense(matrix) -> np.ndarray:
+    return matrix.toarray() if sparse.issparse(matrix) else matrix
 
 
 def keep_count(size: int, sparsity: float, round_to: int = 1) -> int:
@@ -66,16 +97,29 @@ def keep_count(size: int, sparsity: float, round_to: int = 1) -> int:
 
 def selection(size: int, kept: np.ndarray) -> ChannelMap:
     """Plain pruning: keep ``kept``, drop the rest."""
-    sel = np.zeros((len(kept), size), dtype=np.float64)
-    sel[np.arange(len(kept)), kept] = 1.0
+    sel = sparse.csr_matrix((np.ones(len(kept)), (np.arange(len(kept)), np.asarray(kept))), shape=(len(kept), size))
     return ChannelMap(np.asarray(kept), sel, sel.copy())
 
 
 def normalised_features(rows: list[np.ndarray]) -> np.ndarray:
-    """Concatenate a group's per-weight channel rows; scale each channel to unit L2 norm."""
-    feats = np.concatenate([np.asarray(r, dtype=np.float64) for r in rows], axis=1)
-    norms = np.linalg.norm(feats, axis=1, keepdims=True)
-    feats /= np.maximum(norms, 1e-12)  # in place: the features of a wide group take 100 MB
+    """Concatenate a group's per-weight channel rows; scale each channel to unit L2 norm.
+
+    Empties ``rows`` as it copies them, so that each member's rows can be
+    freed as soon as they are in the result (when the caller holds no other
+    reference to them).
+    """
+    feats = np.empty((np.shape(rows[0])[0], sum(np.shape(r)[1] for r in rows)))
+    at = 0
+    while rows:  # cast while copying: no float64 copy of each member beside the result
+        r = rows.pop(0)
+        feats[:, at:at + r.shape[1]] = r
+        at += r.shape[1]
+        del r
+    # In place and by row blocks (each row's norm is the same as over all rows at once):
+    # the features of a wide group take 75 MB (ResNet-50), a temporary square of them as much.
+    for start in range(0, len(feats), 256):
+        block = feats[start:start + 256]
+        block /= np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
     return feats
 
 
@@ -135,6 +179,18 @@ def _threads() -> int:
 #: (:func:`_l1_kernel`) when numba is installed; smaller ones are not worth its start-up.
 COMPILED_COST_WORK = 200_000_000
 
+#: ... and only in runs whose L1 cost matrices add up to at least this many element
+#: operations.  Loading numba's kernel takes ~1 CPU s and ~105 MB of memory for good;
+#: SciPy's ``cdist`` costs ~0.27 CPU s more per 1e9 operations (ResNet-50 at 0.5:
+#: 2e10 operations, plans 5.2 CPU s compiled and 10.5 s with SciPy, 105 MB less peak
+#: memory).  From 4e10 on (ViT-B, VGG-16: >20 s saved) the kernel pays for its memory.
+COMPILED_RUN_WORK = 40_000_000_000
+
+
+def use_compiled(run_work: float) -> bool:
+    """Whether a run with ``run_work`` L1 element operations in all its cost matrices uses the kernel."""
+    return run_work >= COMPILED_RUN_WORK
+
 _L1_KERNEL = None
 
 
@@ -190,7 +246,7 @@ def _l1_kernel():
     return _L1_KERNEL or None
 
 
-def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0) -> np.ndarray:
+def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled: bool = True) -> np.ndarray:
     """Minkowski-p distances (C x k) from every channel to the kept ones, float64.
 
     The same values as ``ot.dist(features, features[kept], "minkowski", p=p)``
@@ -200,13 +256,15 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0) -> np.nd
     work, bitwise the same distances); the other rows from ``cdist``.  SciPy
     releases the GIL, so large matrices are split by rows over the available
     cores; each row is computed exactly as without splitting.  Large L1
-    matrices use the compiled kernel instead when numba is installed
-    (:func:`_l1_kernel`, same values up to summation order).
+    matrices use the compiled kernel instead when numba is installed and
+    ``compiled`` (:func:`_l1_kernel`, same values up to summation order;
+    see :func:`use_compiled`).
     """
     x = np.ascontiguousarray(features, dtype=np.float64)
     kept = np.asarray(kept)
     y = np.ascontiguousarray(x[kept])
-    kernel = _l1_kernel() if p == 1 and x.shape[0] * y.shape[0] * x.shape[1] >= COMPILED_COST_WORK else None
+    kernel = (_l1_kernel() if compiled and p == 1 and x.shape[0] * y.shape[0] * x.shape[1] >= COMPILED_COST_WORK
+              else None)
     if kernel is not None:
         return _compiled_cost(kernel, x, y)
     if p == 1:
@@ -256,7 +314,7 @@ def _compiled_cost(kernel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def transport_plan(features: np.ndarray, kept: np.ndarray, source_mass: np.ndarray | None = None,
-                   reg: float = 0.0, p: float = 1.0) -> np.ndarray:
+                   reg: float = 0.0, p: float = 1.0, compiled: bool = True) -> np.ndarray:
     """Optimal transport plan (C x k) from every channel to the kept channels.
 
     Ground cost: Minkowski-p distance between the normalised features (p=1 is
@@ -264,12 +322,17 @@ def transport_plan(features: np.ndarray, kept: np.ndarray, source_mass: np.ndarr
     ``reg > 0`` uses entropic ``ot.sinkhorn`` with the cost scaled to [0, 1],
     so ``reg`` is relative to the largest cost.
     """
+    return plan_from_cost(cost_matrix(features, kept, p, compiled), kept, source_mass, reg)
+
+
+def plan_from_cost(cost: np.ndarray, kept: np.ndarray, source_mass: np.ndarray | None = None,
+                   reg: float = 0.0) -> np.ndarray:
+    """:func:`transport_plan` from its cost matrix (C x k): the features can be freed before solving."""
     ot = import_pot()
 
-    size, keep = features.shape[0], len(kept)
+    size, keep = cost.shape[0], len(kept)
     a = np.full(size, 1.0 / size) if source_mass is None else source_mass / source_mass.sum()
     b = a[kept] / a[kept].sum() if source_mass is not None else np.full(keep, 1.0 / keep)
-    cost = cost_matrix(features, kept, p)
     if reg > 0:
         scale = cost.max() if cost.max() > 0 else 1.0
         return ot.sinkhorn(a, b, cost / scale, reg, numItermax=10000, warn=False)
@@ -277,12 +340,20 @@ def transport_plan(features: np.ndarray, kept: np.ndarray, source_mass: np.ndarr
 
 
 def fusion(features: np.ndarray, kept: np.ndarray, source_mass: np.ndarray | None = None,
-           reg: float = 0.0, p: float = 1.0) -> ChannelMap:
+           reg: float = 0.0, p: float = 1.0, compiled: bool = True) -> ChannelMap:
     """Intra-Fusion: merge every channel into the kept ones along the transport plan."""
     size = features.shape[0]
     if len(kept) == size:
         return selection(size, kept)
-    plan = transport_plan(features, kept, source_mass, reg, p).T  # (k, C)
+    return fusion_from_cost(cost_matrix(features, kept, p, compiled), kept, source_mass, reg)
+
+
+def fusion_from_cost(cost: np.ndarray, kept: np.ndarray, source_mass: np.ndarray | None = None,
+                     reg: float = 0.0) -> ChannelMap:
+    """:func:`fusion` from the cost matrix (C x k)."""
+    if len(kept) == cost.shape[0]:
+        return selection(cost.shape[0], kept)
+    plan = plan_from_cost(cost, kept, source_mass, reg).T  # (k, C)
     target_mass = plan.sum(axis=1, keepdims=True)
     source_mass_out = plan.sum(axis=0, keepdims=True)
     average = plan / np.where(target_mass > 0, target_mass, 1.0)

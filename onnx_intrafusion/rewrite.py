@@ -36,7 +36,9 @@ def _mix(matrix: np.ndarray, part: np.ndarray) -> np.ndarray:
     order of float64 additions.
     """
     flat = part.reshape(part.shape[0], -1)
-    if np.count_nonzero(matrix) <= 0.25 * matrix.size:
+    if sparse.issparse(matrix):
+        out = np.asarray(matrix @ flat.astype(np.float64, copy=False))
+    elif np.count_nonzero(matrix) <= 0.25 * matrix.size:
         out = np.asarray(sparse.csr_matrix(matrix) @ flat.astype(np.float64, copy=False))
     else:
         out = matrix @ flat.astype(np.float64, copy=False)
@@ -99,7 +101,7 @@ def apply_maps(graph: gs.Graph, analysis: Analysis, maps: dict[int, ChannelMap])
         if not group.prunable:
             raise AssertionError(f"group {gid} is blocked and cannot be rewritten")
         for m in group.members:
-            matrix = cmap.total if m.role == CONSUMER else cmap.average
+            matrix = cmap.matrix(consumer=m.role == CONSUMER)
             edits[m.constant][m.node][m.axis][m.offset] = (m.offset, m.block, matrix)
     for name, by_node in edits.items():
         tensor = tensors[name]
