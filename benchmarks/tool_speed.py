@@ -5,7 +5,8 @@ Fresh processes per model and method, all with 2 threads:
 1. the command line exactly as a user runs it (``--report`` for the stage
    timings); wall time, CPU time (user+sys) and peak RSS come from
    ``os.wait4`` on that process alone;
-2. a probe that does what ``cli.main`` does (preload POT, ``prune`` with
+2. a probe that does what ``cli.main`` does (preload POT, the allocator
+   setting of ``model_io.map_large_allocations``, ``prune`` with
    the command line's options and a progress callback, ``save_model``) and
    records the CPU time of every stage and the peak RSS reached by its end
    (``ru_maxrss``), and the RSS after the imports alone (onnxruntime, onnx,
@@ -200,9 +201,11 @@ def probe(src: str, out: str, sparsity: str, method: str) -> None:
     from onnx_intrafusion.cli import build_parser, options_from_args
     from onnx_intrafusion.model_io import save_model
     from onnx_intrafusion.pipeline import prune
+    from onnx_intrafusion.model_io import map_large_allocations
     from onnx_intrafusion.plans import preload_pot
 
     preload_pot()
+    map_large_allocations()
     after_imports = rss()
     marks.append(("imports", time.perf_counter() - t0, time.process_time(), peak()))
 

@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     from .plans import preload_pot
 
     preload_pot()  # POT without torch/jax/sklearn: seconds faster to start
+    from .model_io import map_large_allocations
+
+    map_large_allocations()  # freed weight-sized arrays leave the process (peak memory)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if not debug:
         from .model_io import quiet_graphsurgeon

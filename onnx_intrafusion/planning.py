@@ -130,11 +130,11 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 # before the solver's own memory.
                 del scored
                 feats = plans.normalised_features(features)  # empties `features`
-                cost = plans.cost_matrix(feats, kept, ot_p, compiled)
+                cost = plans.cost_matrix(feats, kept, ot_p, compiled, consume=True)
                 del feats
                 maps[group.id] = plans.fusion_from_cost(cost, kept, mass, ot_reg)
                 del cost
-            model_io.release_freed_memory()  # the group's features and solver memory, before the next one
+            model_io.release_freed_memory(collect=False)  # the group's features and solver memory, before the next one
             steps.advance(detail=f"group {group.id}: {group.size}->{keep}")
     return maps
 

@@ -246,7 +246,8 @@ def _l1_kernel():
     return _L1_KERNEL or None
 
 
-def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled: bool = True) -> np.ndarray:
+def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled: bool = True,
+                consume: bool = False) -> np.ndarray:
     """Minkowski-p distances (C x k) from every channel to the kept ones, float64.
 
     The same values as ``ot.dist(features, features[kept], "minkowski", p=p)``
@@ -259,10 +260,62 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled
     matrices use the compiled kernel instead when numba is installed and
     ``compiled`` (:func:`_l1_kernel`, same values up to summation order;
     see :func:`use_compiled`).
+
+    ``consume=True`` lets the function reorder the rows of ``features`` (a
+    float64 C-contiguous array the caller no longer needs) so that the kept
+    rows come first: they are then read in place instead of copied, and row
+    blocks are views (37 MB less for ResNet-50's widest group); the
+    distances are the same.
     """
     x = np.ascontiguousarray(features, dtype=np.float64)
     kept = np.asarray(kept)
-    y = np.ascontiguousarray(x[kept])
+    symmetric = len(np.unique(kept)) == len(kept)
+    order = None
+    if consume and symmetric and x is features and x.flags.writeable:
+        order = np.concatenate([kept, np.setdiff1d(np.arange(len(x)), kept)])
+        _permute_rows(x, order)
+        kept = np.arange(len(kept))
+        y = x[:len(kept)]
+    else:
+        y = np.ascontiguousarray(x[kept])
+    out = _costs(x, y, kept, symmetric, p, compiled)
+    if order is not None:
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        _permute_rows(out, inverse)
+    return out
+
+
+def _permute_rows(a: np.ndarray, order: np.ndarray) -> None:
+    """``a[:] = a[order]`` in place, with one row of scratch memory (follows the cycles of ``order``)."""
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if done[start]:
+            continue
+        done[start] = True
+        if order[start] == start:
+            continue
+        scratch = a[start].copy()
+        j = start
+        while True:
+            src = int(order[j])
+            done[j] = True
+            if src == start:
+                a[j] = scratch
+                break
+            a[j] = a[src]
+            j = src
+
+
+def _rows_of(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``x[idx]``: a view when ``idx`` is a run of consecutive rows, else a copy."""
+    if len(idx) and idx[-1] - idx[0] + 1 == len(idx) and np.all(np.diff(idx) == 1):
+        return x[int(idx[0]):int(idx[-1]) + 1]
+    return x[idx]
+
+
+def _costs(x: np.ndarray, y: np.ndarray, kept: np.ndarray, symmetric: bool, p: float,
+           compiled: bool) -> np.ndarray:
     kernel = (_l1_kernel() if compiled and p == 1 and x.shape[0] * y.shape[0] * x.shape[1] >= COMPILED_COST_WORK
               else None)
     if kernel is not None:
@@ -275,7 +328,6 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled
         metric, kwargs = "minkowski", {"p": p}
     out = np.empty((len(x), len(y)))
     others = np.setdiff1d(np.arange(len(x)), kept)
-    symmetric = len(np.unique(kept)) == len(kept)
     if not symmetric:
         others = np.arange(len(x))
 
@@ -283,7 +335,7 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled
         out[kept] = squareform(pdist(y, metric, **kwargs))
 
     def rows(idx: np.ndarray) -> None:
-        out[idx] = cdist(x[idx], y, metric, **kwargs)
+        out[idx] = cdist(_rows_of(x, idx), y, metric, **kwargs)
 
     threads = min(_threads(), max(1, len(x) // 64))
     if threads == 1 or x.shape[0] * y.shape[0] * max(x.shape[1], 1) < PARALLEL_COST_WORK:

@@ -145,3 +145,31 @@ def test_samples_split_only_when_every_input_shares_the_batch():
 def test_compiled_cost_kernel_only_for_large_runs():
     assert not plans.use_compiled(2e10)  # ResNet-50 at 0.5
     assert plans.use_compiled(plans.COMPILED_RUN_WORK)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_cost_matrix_reading_kept_rows_in_place_gives_the_same_distances(p, compiled):
+    rng = np.random.default_rng(3)
+    feats = plans.normalised_features([rng.standard_normal((300, 90))])
+    kept = np.sort(rng.choice(300, 120, replace=False))
+    expected = plans.cost_matrix(feats, kept, p, compiled)
+    consumed = feats.copy()
+    got = plans.cost_matrix(consumed, kept, p, compiled, consume=True)
+    assert np.array_equal(got, expected)
+    assert np.array_equal(consumed, feats[np.concatenate([kept, np.setdiff1d(np.arange(300), kept)])])
+    if compiled and p == 1.0:  # large enough for the kernel (when numba is installed)
+        big = plans.normalised_features([rng.standard_normal((700, 500))])
+        kept = np.sort(rng.choice(700, 350, replace=False))
+        want = plans.cost_matrix(big, kept, p, compiled)
+        assert np.array_equal(plans.cost_matrix(big.copy(), kept, p, compiled, consume=True), want)
+
+
+def test_permute_rows_in_place_equals_fancy_indexing():
+    rng = np.random.default_rng(4)
+    for n in (1, 2, 7, 50):
+        a = rng.standard_normal((n, 3))
+        order = rng.permutation(n)
+        want = a[order]
+        plans._permute_rows(a, order)
+        assert np.array_equal(a, want)
