@@ -3,15 +3,18 @@
 Fresh processes per model and method, all with 2 threads:
 
 1. the command line exactly as a user runs it (``--report`` for the stage
-   timings); wall time, CPU time (user+sys) and peak RSS come from
-   ``os.wait4`` on that process alone;
-2. a probe that does what ``cli.main`` does (preload POT, the allocator
-   setting of ``model_io.map_large_allocations``, ``prune`` with
+   timings; ``cli.main`` behind a two-line wrapper that writes the peak at
+   exit); wall time and CPU time (user+sys) come from ``os.wait4`` on that
+   process alone, peak RSS from its own VmHWM (``ru_maxrss`` survives
+   ``exec``: a child forked from this larger process would report its size);
+2. a probe that does what ``cli.main`` does (the allocator setting of
+   ``model_io.map_large_allocations``, ``prune`` with
    the command line's options and a progress callback, ``save_model``) and
    records the CPU time of every stage and the peak RSS reached by its end
-   (``ru_maxrss``), and the RSS after the imports alone (onnxruntime, onnx,
-   SciPy, POT: memory no pruning change removes; numba's kernel is loaded
-   only by runs large enough to need it, see ``plans.use_compiled``);
+   (VmHWM), and the RSS after the imports alone (onnxruntime, onnx,
+   SciPy: memory no pruning change removes; POT is imported by the first
+   transport plan, numba's kernel only by runs large enough to need it, see
+   ``plans.use_compiled``);
 3. Torch-Pruning (``--tp-python``, a Python with torch, torchvision and
    torch-pruning; skipped with the reason when missing): its
    ``MagnitudePruner`` (L1, ratio 0.5, the fc layer ignored) on torchvision's
@@ -148,25 +151,58 @@ def model_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def _run(cmd: list[str]) -> tuple[float, float, int, subprocess.CompletedProcess]:
-    """Run ``cmd``; wall, CPU (user+sys) and peak RSS of that process alone (``os.wait4``).
+#: The child writes its peak RSS (VmHWM, kB) to this file when it exits (:func:`_write_hwm`).
+HWM_ENV = "TOOL_SPEED_HWM"
 
-    Output goes to files, not pipes: a chatty child cannot block on a full pipe while we wait.
+#: ``python -m onnx_intrafusion`` with the peak written at exit.
+CLI_WRAPPER = ("import atexit, sys\n"
+               "sys.path.insert(0, sys.argv.pop(1))\n"
+               "from tool_speed import _write_hwm\n"
+               "atexit.register(_write_hwm)\n"
+               "sys.path.pop(0)\n"
+               "from onnx_intrafusion.cli import main\n"
+               "sys.exit(main(sys.argv[1:]))\n")
+
+
+def _vm_hwm() -> int:
+    """Peak resident memory of this process in bytes (VmHWM: reset by exec, unlike ``ru_maxrss``)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def _write_hwm() -> None:
+    path = os.environ.get(HWM_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write(str(_vm_hwm()))
+
+
+def _run(cmd: list[str]) -> tuple[float, float, int, subprocess.CompletedProcess]:
+    """Run ``cmd``; wall and CPU (user+sys) of that process alone (``os.wait4``) and its peak RSS.
+
+    The peak is the child's own VmHWM, written by the child at exit: ``ru_maxrss``
+    survives ``exec``, so a child forked from this (larger) process would report the
+    parent's size.  Output goes to files, not pipes: a chatty child cannot block on a
+    full pipe while we wait.
     """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".hwm") as hwm:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, env={**_env(), HWM_ENV: hwm.name}, stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         done = subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read(), err.read())
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, done
+        text = hwm.read().strip()
+    if not text:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... did not report its peak memory: {done.stderr[-1000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, int(text), done
 
 
 def cli_run(src: Path, method: str, args, tmp: Path) -> dict:
     out, rep = tmp / "out.onnx", tmp / "report.json"
-    cmd = [sys.executable, "-m", "onnx_intrafusion", str(src), str(out), "--sparsity", str(args.sparsity),
+    cmd = [sys.executable, "-c", CLI_WRAPPER, str(HERE), str(src), str(out), "--sparsity", str(args.sparsity),
            "--method", method, "--provider", "cpu", "--report", str(rep), "--quiet", *args.extra]
     wall, cpu, rss, proc = _run(cmd)
     if proc.returncode:
@@ -187,10 +223,9 @@ def probe_run(src: Path, method: str, args, tmp: Path) -> dict:
 
 def probe(src: str, out: str, sparsity: str, method: str) -> None:
     """Child process: the CLI's work, with CPU time and peak RSS at every stage boundary."""
-    import resource
 
     def peak() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return _vm_hwm()
 
     def rss() -> int:
         with open("/proc/self/statm") as f:
@@ -202,9 +237,7 @@ def probe(src: str, out: str, sparsity: str, method: str) -> None:
     from onnx_intrafusion.model_io import save_model
     from onnx_intrafusion.pipeline import prune
     from onnx_intrafusion.model_io import map_large_allocations
-    from onnx_intrafusion.plans import preload_pot
 
-    preload_pot()
     map_large_allocations()
     after_imports = rss()
     marks.append(("imports", time.perf_counter() - t0, time.process_time(), peak()))
@@ -234,6 +267,10 @@ def mb(n: float) -> str:
 
 
 def main(argv=None) -> int:
+    if os.environ.get(HWM_ENV):
+        import atexit
+
+        atexit.register(_write_hwm)
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--probe":
         # benchmarks/ off the path: its coverage.py would shadow the module numba imports.
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]

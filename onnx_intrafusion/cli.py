@@ -315,9 +315,8 @@ def _mute(stream) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .plans import preload_pot
-
-    preload_pot()  # POT without torch/jax/sklearn: seconds faster to start
+    # POT is imported when the first transport plan is solved (plans.import_pot, without its
+    # torch/jax/sklearn probes): its 52 MB are not held while onnxruntime runs the original.
     from .model_io import map_large_allocations
 
     map_large_allocations()  # freed weight-sized arrays leave the process (peak memory)

@@ -205,8 +205,7 @@ def prune(
         try:
             # = check_model(full_check=True), whose strict shape inference
             # runs on a weightless copy (seconds faster on big models).
-            if model_io.byte_size(pruned) < 2**31 - 1:
-                onnx.checker.check_model(pruned)
+            model_io.check_light(pruned)
             onnx.shape_inference.infer_shapes(model_io.weightless(pruned), check_type=True, strict_mode=True)
         except Exception as exc:  # noqa: BLE001
             raise ValidationError(f"pruned model fails onnx.checker (please report this bug): "
@@ -215,8 +214,7 @@ def prune(
     if opts.recover != "none":
         recovered = calibrated.recover(graph, original, analysis, maps, split, opts, timer, progress)
         pruned = model_io.to_model(graph, original)
-        if model_io.byte_size(pruned) < 2**31 - 1:
-            onnx.checker.check_model(pruned, full_check=True)
+        model_io.check_light(pruned, full_check=True)
 
     report = Report(options=opts.to_dict(), input=None if loaded.path is None else str(loaded.path))
     if calib is not None:

@@ -173,3 +173,37 @@ def test_permute_rows_in_place_equals_fancy_indexing():
         want = a[order]
         plans._permute_rows(a, order)
         assert np.array_equal(a, want)
+
+
+def test_light_check_checks_weights_and_structure_like_the_checker():
+    model = onnx.load(str(sample("vgg_legacy.onnx")))
+    model_io.check_light(model, full_check=True)  # a valid model passes
+    short = onnx.ModelProto()
+    short.CopyFrom(model)
+    init = next(t for t in short.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.raw_data) > 8000)
+    init.raw_data = init.raw_data[:-4]
+    with pytest.raises(onnx.checker.ValidationError, match=init.name):
+        model_io.check_light(short)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].input[0] = "not_a_tensor"
+    with pytest.raises(onnx.checker.ValidationError):
+        model_io.check_light(broken)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(broken)  # the checker agrees
+
+
+def test_a_written_file_that_does_not_check_is_not_renamed_into_place(tmp_path, monkeypatch):
+    model = onnx.load(str(sample("vgg_legacy.onnx")))
+    real_save = onnx.save_model
+
+    def corrupt_save(m, path, *args, **kwargs):  # write a model whose node reads a missing tensor
+        bad = onnx.ModelProto()
+        bad.CopyFrom(m)
+        bad.graph.node[0].input[0] = "not_a_tensor"
+        real_save(bad, path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "save_model", corrupt_save)
+    with pytest.raises(model_io.ValidationError, match="written model fails onnx.checker"):
+        model_io.save_model(model, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
