@@ -214,14 +214,14 @@ def cli_run(src: Path, method: str, args, tmp: Path) -> dict:
 
 def probe_run(src: Path, method: str, args, tmp: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", str(src), str(tmp / "probe.onnx"),
-           str(args.sparsity), method]
+           str(args.sparsity), method, *args.extra]
     wall, cpu, rss, proc = _run(cmd)
     if proc.returncode:
         raise SystemExit(f"probe failed: {proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def probe(src: str, out: str, sparsity: str, method: str) -> None:
+def probe(src: str, out: str, sparsity: str, method: str, extra: list[str] = ()) -> None:
     """Child process: the CLI's work, with CPU time and peak RSS at every stage boundary."""
 
     def peak() -> int:
@@ -248,7 +248,7 @@ def probe(src: str, out: str, sparsity: str, method: str) -> None:
 
     # The command line's options (its defaults differ from the library's, e.g. --target auto).
     options = options_from_args(build_parser().parse_args(
-        [src, out, "--sparsity", sparsity, "--method", method, "--provider", "cpu"]))
+        [src, out, "--sparsity", sparsity, "--method", method, "--provider", "cpu", *extra]))
     result = prune(src, options=options, progress=progress)
     marks.append(("save", time.perf_counter() - t0, time.process_time(), peak()))
     save_model(result.model, out)
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--probe":
         # benchmarks/ off the path: its coverage.py would shadow the module numba imports.
         sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-        probe(*sys.argv[2:6])
+        probe(*sys.argv[2:6], extra=sys.argv[6:])
         return 0
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--tp-child":
         tp_child(*sys.argv[2:4])

@@ -67,8 +67,8 @@ def _levels(text: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags whose ``dest`` is the name of an :class:`~onnx_intrafusion.options.Options` field."""
-    from .options import ALLOCATIONS, DATA_IMPORTANCES, DEPLOY_TARGETS, GLOBAL_TARGETS, MARGINALS, METHODS, \
-        PROVIDERS, QUANTIZATIONS, RECOVERIES, WEIGHT_IMPORTANCES
+    from .options import ALLOCATIONS, COST_KERNELS, DATA_IMPORTANCES, DEPLOY_TARGETS, GLOBAL_TARGETS, MARGINALS, \
+        METHODS, PROVIDERS, QUANTIZATIONS, RECOVERIES, WEIGHT_IMPORTANCES
 
     p = _Parser(
         prog="onnx-intrafusion",
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ot.add_argument("--ot-p", type=float, default=None, help="Minkowski p of the transport ground cost (default 1)")
     ot.add_argument("--marginals", choices=MARGINALS, default=None,
                     help="transport marginals: uniform (default) or importance-weighted")
+    ot.add_argument("--cost-kernel", choices=COST_KERNELS, default=None,
+                    help="L1 cost matrices: auto (default) = numba's compiled kernel (the fast extra) only for "
+                    "runs large enough to repay its ~105 MB, compiled = whenever numba is installed (faster, "
+                    "more memory), scipy = never")
     alloc = p.add_argument_group("allocation")
     alloc.add_argument("--target", choices=DEPLOY_TARGETS, default="auto",
                        help="runtime the model is for; every pruned group keeps a multiple of the channels its "

@@ -124,18 +124,34 @@ def fold_shapes(graph: gs.Graph) -> gs.Graph:
 _MALLOC_TRIM = None
 
 
-def release_freed_memory(collect: bool = True) -> None:
+def dispose_graph(graph: gs.Graph) -> None:
+    """Unlink a graph that is no longer needed, so that its weights are freed at once.
+
+    Nodes and tensors of an onnx-graphsurgeon graph point at each other: a
+    dropped graph is reference cycles, and its weights (27 MB after
+    ResNet-50's rewrite) would wait for Python's next full cycle collection,
+    which in a long-lived process full of objects is slow to run on demand.
+    """
+    for node in graph.nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.nodes.clear()
+    graph.inputs.clear()
+    graph.outputs.clear()
+
+
+def release_freed_memory(collect: bool = False) -> None:
     """Give memory freed since the last call back to the operating system.
 
-    ``collect`` first runs Python's cycle collector: an onnx-graphsurgeon
-    graph is full of reference cycles (nodes and tensors point at each
-    other), so a deleted graph's weights (27 MB after ResNet-50's rewrite)
-    would otherwise wait for the next automatic collection.  glibc's
-    allocator keeps freed blocks for reuse, and after a large block is freed
-    it raises its threshold for mapping new ones separately: an onnxruntime
-    session's buffers or a stage's arrays then stay in the process after
-    they are gone (about 130 MB after ResNet-50's reference run).
-    ``malloc_trim`` returns them; elsewhere that step does nothing.
+    ``collect`` first runs Python's full cycle collection, for garbage that
+    only it frees (onnx-graphsurgeon's exports leave reference cycles that
+    hold a graph's tensors: 27 MB after ResNet-50's rewrite).
+
+    glibc's allocator keeps freed blocks for reuse, and after a large block
+    is freed it raises its threshold for mapping new ones separately: an
+    onnxruntime session's buffers or a stage's arrays then stay in the
+    process after they are gone (about 130 MB after ResNet-50's reference
+    run).  ``malloc_trim`` returns them; elsewhere this does nothing.
     """
     if collect:
         import gc

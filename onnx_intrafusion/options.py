@@ -24,7 +24,7 @@ import numpy as np
 from .allocation import ALLOCATIONS, TARGETS as GLOBAL_TARGETS
 from .errors import ProviderError, UsageError
 from .importance import IMPORTANCES as WEIGHT_IMPORTANCES
-from .plans import MARGINALS, METHODS
+from .plans import COST_KERNELS, MARGINALS, METHODS
 
 #: Importances computed from calibration data (need --calibration); the gradient ones need torch.
 GRADIENT_IMPORTANCES = ("taylor", "prospr")
@@ -77,6 +77,7 @@ class Options:
     ot_reg: float | None = None
     ot_p: float | None = None
     marginals: str | None = None
+    cost_kernel: str | None = None  # plans.COST_KERNELS; default auto
     # Allocation.  round_to None = the multiple of ``target`` (resolved in :meth:`resolve`).
     # The library keeps exact counts (target "none"); the command line defaults to --target auto.
     round_to: int | None = None
@@ -146,7 +147,8 @@ class Options:
 
         # Transport options apply whenever some group is merged (a kind's method may differ from --method).
         fusion = "intrafusion" in (self.method, self.head_method, self.hidden_method)
-        for name, value in (("ot-reg", self.ot_reg), ("ot-p", self.ot_p), ("marginals", self.marginals)):
+        for name, value in (("ot-reg", self.ot_reg), ("ot-p", self.ot_p), ("marginals", self.marginals),
+                            ("cost-kernel", self.cost_kernel)):
             if value is not None and not fusion:
                 raise UsageError(f"--{name} only applies to --method intrafusion (the transport plan; or a kind merged "
                                  f"with --head-method/--hidden-method intrafusion), "
@@ -157,6 +159,8 @@ class Options:
             _number(self.ot_p, "ot-p", 1.0, math.inf)
         if self.marginals is not None:
             _choice(self.marginals, "marginals", MARGINALS)
+        if self.cost_kernel is not None:
+            _choice(self.cost_kernel, "cost kernel", COST_KERNELS)
 
         is_global = self.allocation == "global"
         budgeted = self.allocation in ("global", "sensitivity")
@@ -238,6 +242,7 @@ class Options:
             ot_reg=(0.0 if self.ot_reg is None else float(self.ot_reg)) if fusion else None,
             ot_p=(1.0 if self.ot_p is None else float(self.ot_p)) if fusion else None,
             marginals=(self.marginals or "uniform") if fusion else None,
+            cost_kernel=(self.cost_kernel or "auto") if fusion else None,
             global_target=(self.global_target or "macs") if is_global else None,
             max_group_sparsity=(0.9 if self.max_group_sparsity is None else float(self.max_group_sparsity))
             if budgeted else None,

@@ -44,7 +44,9 @@ class _Timer:
 
     @contextmanager
     def stage(self, name: str):
-        model_io.release_freed_memory()  # what the last stage and the dels since freed
+        # What the last stage and the dels since freed; cycles too before the stages that run
+        # onnxruntime sessions (the memory peaks of a run).
+        model_io.release_freed_memory(collect=name in ("reference", "validate"))
         self.progress.stage(name)
         start = time.perf_counter()
         yield
@@ -201,7 +203,8 @@ def prune(
         rewrite.apply_maps(graph, analysis, maps)
         pruned = model_io.to_model(graph, original)
         if opts.recover == "none":
-            del graph  # the pruned model holds its own copy: keep peak memory down in validate
+            model_io.dispose_graph(graph)  # the pruned model holds its own copy: keep peak memory down in validate
+            del graph
         try:
             # = check_model(full_check=True), whose strict shape inference
             # runs on a weightless copy (seconds faster on big models).

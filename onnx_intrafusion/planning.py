@@ -87,7 +87,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 ot_p: float | None = 1.0, marginals: str | None = "uniform", round_to: int = 1,
                 progress: Progress | None = None, keeps: dict[int, int] | None = None,
                 given_scores: dict[int, np.ndarray] | None = None, kind_sparsity: dict[str, float] | None = None,
-                kind_method: dict[str, str] | None = None) -> dict[int, plans.ChannelMap]:
+                kind_method: dict[str, str] | None = None, cost_kernel: str | None = "auto") -> dict[int, plans.ChannelMap]:
     """A channel map for every prunable (and selected) group.
 
     ``kind_sparsity`` / ``kind_method`` override ``sparsity`` / ``method`` for
@@ -97,7 +97,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     the uniform ``sparsity``; groups missing from it are left unchanged.
     ``given_scores`` (group id -> per-channel scores, e.g. activation
     importance) replaces the weight-based ``importance`` for those groups.
-    ``ot_reg``/``ot_p``/``marginals`` only matter to transport plans (None
+    ``ot_reg``/``ot_p``/``marginals``/``cost_kernel`` only matter to transport plans (None
     when no group is merged, as :meth:`Options.resolve` leaves them).
     """
     progress = as_progress(progress)
@@ -105,7 +105,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     todo = analysis.prunable(selected)
     compiled = plans.use_compiled(sum(_fusion_work(g, values, (kind_sparsity or {}).get(g.kind, sparsity), round_to,
                                                    keeps) for g in todo
-                                      if (kind_method or {}).get(g.kind, method) != "prune"))
+                                      if (kind_method or {}).get(g.kind, method) != "prune"), cost_kernel or "auto")
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)
@@ -130,22 +130,25 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 # before the solver's own memory.
                 del scored
                 feats = plans.normalised_features(features)  # empties `features`
-                cost = plans.cost_matrix(feats, kept, ot_p, compiled, consume=True)
+                # = plans.fusion(feats, ...), with the features freed before the solver runs.
+                cost = plans.cost_matrix(feats, kept, ot_p, compiled, consume=True, removed_only=not ot_reg)
                 del feats
-                maps[group.id] = plans.fusion_from_cost(cost, kept, mass, ot_reg)
+                maps[group.id] = (plans.fusion_from_cost(cost, kept, mass, ot_reg) if ot_reg else
+                                  plans.fusion_from_plan(plans.plan_from_removed_cost(cost, kept, group.size,
+                                                                                      mass).T, kept))
                 del cost
-            model_io.release_freed_memory(collect=False)  # the group's features and solver memory, before the next one
+            model_io.release_freed_memory()  # the group's features and solver memory, before the next one
             steps.advance(detail=f"group {group.id}: {group.size}->{keep}")
     return maps
 
 
 def _fusion_work(group: Group, values, sparsity: float, round_to: int, keeps: dict[int, int] | None) -> int:
-    """Element operations of the group's cost matrix (channels x kept x feature width), from shapes only."""
+    """Element operations of the group's cost matrix (removed x kept channels x feature width), from shapes only."""
     keep = (plans.keep_count(group.size, sparsity, allocation_mod.multiple(group, round_to)) if keeps is None
             else keeps.get(group.id, group.size))
     shape = values.shape if isinstance(values, model_io.WeightValues) else (lambda name: np.shape(values[name]))
     width = sum(int(np.prod(shape(m.constant))) // max(group.size, 1) for m in group.members)
-    return group.size * keep * width
+    return (group.size - keep) * keep * width
 
 
 def sensitivity_table(original: onnx.ModelProto, graph, analysis: Analysis, values: dict[str, np.ndarray],
@@ -175,7 +178,7 @@ def sensitivity_table(original: onnx.ModelProto, graph, analysis: Analysis, valu
     def plan(gid: int, keep: int) -> plans.ChannelMap:
         return plan_groups(analysis, values, 0.0, opts.method, opts.importance, opts.seed, {gid},
                            opts.ot_reg, opts.ot_p, opts.marginals, keeps={gid: keep},
-                           given_scores=given_scores)[gid]
+                           given_scores=given_scores, cost_kernel=opts.cost_kernel)[gid]
 
     table = sensitivity_mod.analyse(
         original, graph, analysis, plan, calib, levels=opts.sensitivity_levels, group_ids=allocated,
@@ -240,5 +243,5 @@ def plan_run(graph, analysis: Analysis, values, opts: Options, selected: set[int
                 f"removing what they allow"), stacklevel=3)
     out.maps = plan_groups(analysis, values, opts.sparsity, opts.method, opts.importance, opts.seed, selected,
                            opts.ot_reg, opts.ot_p, opts.marginals, opts.round_to, progress, out.keeps,
-                           given_scores, opts.kind_sparsity(), opts.kind_method())
+                           given_scores, opts.kind_sparsity(), opts.kind_method(), opts.cost_kernel)
     return out

@@ -28,6 +28,9 @@ from scipy.spatial.distance import cdist, pdist, squareform
 
 METHODS = ("intrafusion", "prune")
 MARGINALS = ("uniform", "importance")
+#: How L1 cost matrices are computed: ``auto`` = numba's kernel for runs large enough
+#: (:func:`use_compiled`), ``compiled`` = whenever numba is installed, ``scipy`` = never.
+COST_KERNELS = ("auto", "compiled", "scipy")
 
 
 class ChannelMap:
@@ -179,17 +182,18 @@ def _threads() -> int:
 #: (:func:`_l1_kernel`) when numba is installed; smaller ones are not worth its start-up.
 COMPILED_COST_WORK = 200_000_000
 
-#: ... and only in runs whose L1 cost matrices add up to at least this many element
-#: operations.  Loading numba's kernel takes ~1 CPU s and ~105 MB of memory for good;
-#: SciPy's ``cdist`` costs ~0.27 CPU s more per 1e9 operations (ResNet-50 at 0.5:
-#: 2e10 operations, plans 5.2 CPU s compiled and 10.5 s with SciPy, 105 MB less peak
-#: memory).  From 4e10 on (ViT-B, VGG-16: >20 s saved) the kernel pays for its memory.
+#: ... and (``cost_kernel="auto"``) only in runs whose L1 cost matrices add up to at least
+#: this many element operations.  Loading numba's kernel takes ~1 CPU s and ~105 MB of
+#: memory for good; SciPy's ``cdist`` costs ~0.35 CPU s more per 1e9 operations
+#: (torchvision ResNet-50 at 0.5: 1e10 operations, plans 2.7 CPU s compiled and 6.1 s with
+#: SciPy; peak memory 394 vs 290 MB, 3.9x vs 2.9x the file).  From 4e10 on (ViT-B, VGG-16:
+#: >14 s saved) the kernel pays for its memory; ``cost_kernel="compiled"`` always uses it.
 COMPILED_RUN_WORK = 40_000_000_000
 
 
-def use_compiled(run_work: float) -> bool:
+def use_compiled(run_work: float, cost_kernel: str = "auto") -> bool:
     """Whether a run with ``run_work`` L1 element operations in all its cost matrices uses the kernel."""
-    return run_work >= COMPILED_RUN_WORK
+    return cost_kernel == "compiled" or (cost_kernel == "auto" and run_work >= COMPILED_RUN_WORK)
 
 _L1_KERNEL = None
 
@@ -247,7 +251,7 @@ def _l1_kernel():
 
 
 def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled: bool = True,
-                consume: bool = False) -> np.ndarray:
+                consume: bool = False, removed_only: bool = False) -> np.ndarray:
     """Minkowski-p distances (C x k) from every channel to the kept ones, float64.
 
     The same values as ``ot.dist(features, features[kept], "minkowski", p=p)``
@@ -265,7 +269,9 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled
     float64 C-contiguous array the caller no longer needs) so that the kept
     rows come first: they are then read in place instead of copied, and row
     blocks are views (37 MB less for ResNet-50's widest group); the
-    distances are the same.
+    distances are the same.  ``removed_only=True`` gives only the rows of
+    the channels not in ``kept`` ((C - k) x k, ascending channel order),
+    all an exact plan needs (:func:`plan_from_removed_cost`).
     """
     x = np.ascontiguousarray(features, dtype=np.float64)
     kept = np.asarray(kept)
@@ -278,8 +284,8 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled
         y = x[:len(kept)]
     else:
         y = np.ascontiguousarray(x[kept])
-    out = _costs(x, y, kept, symmetric, p, compiled)
-    if order is not None:
+    out = _costs(x, y, kept, symmetric, p, compiled, removed_only)
+    if order is not None and not removed_only:  # removed rows come out in ascending order either way
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         _permute_rows(out, inverse)
@@ -315,7 +321,11 @@ def _rows_of(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _costs(x: np.ndarray, y: np.ndarray, kept: np.ndarray, symmetric: bool, p: float,
-           compiled: bool) -> np.ndarray:
+           compiled: bool, removed_only: bool = False) -> np.ndarray:
+    """Distances from the rows of ``x`` (all, or with ``removed_only`` those not in ``kept``) to ``y``."""
+    if removed_only:
+        x = _rows_of(x, np.setdiff1d(np.arange(len(x)), kept))
+        kept, symmetric = np.array([], dtype=np.int64), False
     kernel = (_l1_kernel() if compiled and p == 1 and x.shape[0] * y.shape[0] * x.shape[1] >= COMPILED_COST_WORK
               else None)
     if kernel is not None:
@@ -391,13 +401,50 @@ def plan_from_cost(cost: np.ndarray, kept: np.ndarray, source_mass: np.ndarray |
     return ot.emd(a, b, cost, numItermax=max(100_000, 20 * size * keep))
 
 
+def plan_from_removed_cost(removed_cost: np.ndarray, kept: np.ndarray, size: int,
+                           source_mass: np.ndarray | None = None) -> np.ndarray:
+    """The exact plan (C x k) from the costs of the removed channels only ((C - k) x k).
+
+    With a metric cost (every Minkowski-p distance, p >= 1) there is an
+    optimal plan in which each kept channel keeps all of its own mass (its
+    source mass is at most its target mass): moving part of it elsewhere
+    while another channel fills its place never costs less (triangle
+    inequality).  So only the removed channels' mass is transported, into
+    what the kept channels have room for: the same optimal cost, from a
+    (C - k) x k cost matrix instead of C x k (a third of the distance work at
+    sparsity 0.5, more than half at 0.3).  Where several plans are optimal
+    (exact ties) this one keeps the kept channels in place.
+    """
+    ot = import_pot()
+
+    keep = len(kept)
+    a = np.full(size, 1.0 / size) if source_mass is None else source_mass / source_mass.sum()
+    b = a[kept] / a[kept].sum() if source_mass is not None else np.full(keep, 1.0 / keep)
+    removed = np.setdiff1d(np.arange(size), kept)
+    plan = np.zeros((size, keep))
+    plan[kept, np.arange(keep)] = a[kept]
+    room = np.maximum(b - a[kept], 0.0)
+    if len(removed) and a[removed].sum() > 0:
+        plan[removed] = ot.emd(a[removed], room * (a[removed].sum() / room.sum()), removed_cost,
+                               numItermax=max(100_000, 20 * len(removed) * keep))
+    return plan
+
+
 def fusion(features: np.ndarray, kept: np.ndarray, source_mass: np.ndarray | None = None,
-           reg: float = 0.0, p: float = 1.0, compiled: bool = True) -> ChannelMap:
-    """Intra-Fusion: merge every channel into the kept ones along the transport plan."""
+           reg: float = 0.0, p: float = 1.0, compiled: bool = True, consume: bool = False) -> ChannelMap:
+    """Intra-Fusion: merge every channel into the kept ones along the transport plan.
+
+    The exact plan (``reg == 0``) is solved on the removed channels only
+    (:func:`plan_from_removed_cost`); Sinkhorn needs the whole cost matrix.
+    ``consume`` as in :func:`cost_matrix`.
+    """
     size = features.shape[0]
     if len(kept) == size:
         return selection(size, kept)
-    return fusion_from_cost(cost_matrix(features, kept, p, compiled), kept, source_mass, reg)
+    if reg > 0:
+        return fusion_from_cost(cost_matrix(features, kept, p, compiled, consume), kept, source_mass, reg)
+    removed_cost = cost_matrix(features, kept, p, compiled, consume, removed_only=True)
+    return fusion_from_plan(plan_from_removed_cost(removed_cost, kept, size, source_mass).T, kept)
 
 
 def fusion_from_cost(cost: np.ndarray, kept: np.ndarray, source_mass: np.ndarray | None = None,
@@ -405,7 +452,11 @@ def fusion_from_cost(cost: np.ndarray, kept: np.ndarray, source_mass: np.ndarray
     """:func:`fusion` from the cost matrix (C x k)."""
     if len(kept) == cost.shape[0]:
         return selection(cost.shape[0], kept)
-    plan = plan_from_cost(cost, kept, source_mass, reg).T  # (k, C)
+    return fusion_from_plan(plan_from_cost(cost, kept, source_mass, reg).T, kept)
+
+
+def fusion_from_plan(plan: np.ndarray, kept: np.ndarray) -> ChannelMap:
+    """The channel map of a transport plan (k x C)."""
     target_mass = plan.sum(axis=1, keepdims=True)
     source_mass_out = plan.sum(axis=0, keepdims=True)
     average = plan / np.where(target_mass > 0, target_mass, 1.0)

@@ -114,7 +114,7 @@ def test_channel_maps_store_sparse_matrices_and_give_the_dense_ones():
     rng = np.random.default_rng(0)
     feats = plans.normalised_features([rng.standard_normal((40, 7))])
     kept = np.sort(rng.choice(40, 13, replace=False))
-    cmap = plans.fusion(feats, kept)
+    cmap = plans.fusion_from_cost(plans.cost_matrix(feats, kept), kept)
     assert sparse.issparse(cmap.matrix(consumer=False)) and sparse.issparse(cmap.matrix(consumer=True))
     plan = plans.transport_plan(feats, kept).T  # the dense computation, as the maps were built before
     average = plan / plan.sum(axis=1, keepdims=True)
