@@ -154,12 +154,15 @@ def model_bytes(path: Path) -> int:
 #: The child writes its peak RSS (VmHWM, kB) to this file when it exits (:func:`_write_hwm`).
 HWM_ENV = "TOOL_SPEED_HWM"
 
-#: ``python -m onnx_intrafusion`` with the peak written at exit.
-CLI_WRAPPER = ("import atexit, sys\n"
-               "sys.path.insert(0, sys.argv.pop(1))\n"
-               "from tool_speed import _write_hwm\n"
-               "atexit.register(_write_hwm)\n"
-               "sys.path.pop(0)\n"
+#: ``python -m onnx_intrafusion`` with the peak written at exit (self-contained: with
+#: benchmarks/ on the path, its coverage.py would shadow the module numba imports).
+CLI_WRAPPER = ("import atexit, os, sys\n"
+               "def _hwm():\n"
+               "    with open('/proc/self/status') as f:\n"
+               "        kb = next(int(l.split()[1]) for l in f if l.startswith('VmHWM'))\n"
+               f"    with open(os.environ['{HWM_ENV}'], 'w') as f:\n"
+               "        f.write(str(kb * 1024))\n"
+               "atexit.register(_hwm)\n"
                "from onnx_intrafusion.cli import main\n"
                "sys.exit(main(sys.argv[1:]))\n")
 
@@ -202,7 +205,7 @@ def _run(cmd: list[str]) -> tuple[float, float, int, subprocess.CompletedProcess
 
 def cli_run(src: Path, method: str, args, tmp: Path) -> dict:
     out, rep = tmp / "out.onnx", tmp / "report.json"
-    cmd = [sys.executable, "-c", CLI_WRAPPER, str(HERE), str(src), str(out), "--sparsity", str(args.sparsity),
+    cmd = [sys.executable, "-c", CLI_WRAPPER, str(src), str(out), "--sparsity", str(args.sparsity),
            "--method", method, "--provider", "cpu", "--report", str(rep), "--quiet", *args.extra]
     wall, cpu, rss, proc = _run(cmd)
     if proc.returncode:
