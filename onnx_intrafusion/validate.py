@@ -158,18 +158,20 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = VALIDATION_
 
 
 def run(model: onnx.ModelProto | str | os.PathLike, feeds: list[dict[str, np.ndarray]], provider: str = "auto",
-        threads: int | None = None, optimize: bool = True) -> tuple[dict, str]:
+        threads: int | None = None, optimize: bool = True, one_sample: bool = False) -> tuple[dict, str]:
     """Outputs of ``model`` (a ModelProto or a file) on each feed, concatenated on the first axis,
     and the provider used.
 
-    A feed whose inputs and outputs all have a dynamic first (batch) dimension runs one
-    sample at a time: the same outputs, with the activations of one sample
-    in memory instead of the whole batch's (~100 MB for 8 ResNet-50 images).
+    With ``one_sample``, a feed whose inputs and outputs all have a dynamic first (batch)
+    dimension runs one sample at a time: the same outputs, with the activations of one
+    sample in memory instead of the whole batch's (~100 MB for 8 ResNet-50 images), for
+    the few samples of a validation (slower for many).
     """
     sess = session(model, provider, threads, optimize)
     names = [o.name for o in sess.get_outputs()]
-    dynamic = all(t.shape and not isinstance(t.shape[0], int) for t in [*sess.get_inputs(), *sess.get_outputs()])
-    runs = [sess.run(names, part) for feed in feeds for part in (_samples(feed) if dynamic else [feed])]
+    split = one_sample and all(t.shape and not isinstance(t.shape[0], int)
+                               for t in [*sess.get_inputs(), *sess.get_outputs()])
+    runs = [sess.run(names, part) for feed in feeds for part in (_samples(feed) if split else [feed])]
     used = sess.get_providers()[0]
     del sess  # its weights and buffers go before the next session starts
     outs = {n: np.concatenate([r[i] for r in runs]) if runs[0][i].ndim else runs[0][i] for i, n in enumerate(names)}
@@ -220,7 +222,8 @@ def reference(original: onnx.ModelProto, provider: str = "auto", seed: int = 0,
     try:
         # Basic optimisations: the original's outputs are the same up to rounding, and its session
         # (the largest one of a run) needs no layout-transformed copy of every weight.
-        ref, _ = run(original if original_file is None else original_file, feeds, provider, optimize=False)
+        ref, _ = run(original if original_file is None else original_file, feeds, provider, optimize=False,
+                     one_sample=True)
     except ProviderError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. custom ops onnxruntime does not know
@@ -248,7 +251,7 @@ def compare(original: onnx.ModelProto, pruned: onnx.ModelProto, provider: str = 
     feeds, real = ref.feeds, ref.real
     ref = ref.outputs
     try:
-        out, used = run(pruned, feeds, provider)
+        out, used = run(pruned, feeds, provider, one_sample=True)
     except ProviderError:
         raise
     except Exception as exc:  # noqa: BLE001 - any onnxruntime failure means: do not write
