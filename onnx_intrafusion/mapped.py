@@ -270,8 +270,9 @@ def mapped_array(tensor: onnx.TensorProto) -> np.ndarray:
 
 
 def _with_raw(tensor: onnx.TensorProto, raw: bytes) -> onnx.TensorProto:
-    out = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type, raw_data=raw,
-                           doc_string=tensor.doc_string)
+    out = onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type, raw_data=raw)
+    if tensor.HasField("doc_string"):
+        out.doc_string = tensor.doc_string
     if from_external_file(tensor):
         # As onnx.load_external_data_for_model leaves it (set explicitly): the same bytes when saved.
         out.data_location = onnx.TensorProto.DEFAULT

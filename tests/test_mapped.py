@@ -207,3 +207,29 @@ def test_a_written_file_that_does_not_check_is_not_renamed_into_place(tmp_path, 
     with pytest.raises(model_io.ValidationError, match="written model fails onnx.checker"):
         model_io.save_model(model, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "bfloat16"])
+def test_every_float_type_reads_back_the_stored_values(tmp_path, dtype):
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((40, 50)).astype(np.float32)
+    if dtype == "bfloat16":
+        raw = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+        tensor = helper.make_tensor("w", TensorProto.BFLOAT16, values.shape, raw, raw=True)
+    else:
+        tensor = numpy_helper.from_array(values.astype(dtype), "w")
+    elem = tensor.data_type
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", elem, list(values.shape))], [tensor])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    loaded = model_io.load_model(path, keep_mapped=True).model
+    assert mapped.is_mapped(loaded.graph.initializer[0])
+    want = numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+    got = mapped.mapped_array(loaded.graph.initializer[0])
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    full = model_io.materialized(loaded)
+    assert full.graph.initializer[0].SerializeToString() == onnx.load(str(path)).graph.initializer[0].SerializeToString()
