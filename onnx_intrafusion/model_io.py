@@ -121,23 +121,7 @@ def fold_shapes(graph: gs.Graph) -> gs.Graph:
     return graph
 
 
-_MALLOC_TRIM = None
-
-
-def dispose_graph(graph: gs.Graph) -> None:
-    """Unlink a graph that is no longer needed, so that its weights are freed at once.
-
-    Nodes and tensors of an onnx-graphsurgeon graph point at each other: a
-    dropped graph is reference cycles, and its weights (27 MB after
-    ResNet-50's rewrite) would wait for Python's next full cycle collection,
-    which in a long-lived process full of objects is slow to run on demand.
-    """
-    for node in graph.nodes:
-        node.inputs.clear()
-        node.outputs.clear()
-    graph.nodes.clear()
-    graph.inputs.clear()
-    graph.outputs.clear()
+_LIBC = None
 
 
 def release_freed_memory(collect: bool = False) -> None:
@@ -157,17 +141,23 @@ def release_freed_memory(collect: bool = False) -> None:
         import gc
 
         gc.collect()
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc():
+    """The C library through ctypes, or None when it cannot be loaded."""
+    global _LIBC
+    if _LIBC is None:
         import ctypes
         import ctypes.util
 
         try:
-            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _LIBC = False
+    return _LIBC or None
 
 
 #: Allocations at least this large get their own memory mapping (see :func:`map_large_allocations`).
@@ -185,15 +175,10 @@ def map_large_allocations() -> None:
     it (a library user's process keeps its own allocator settings); a no-op
     outside glibc.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    m_mmap_threshold = -3  # <malloc.h>
-    mallopt(m_mmap_threshold, MMAP_THRESHOLD)
+    mallopt = getattr(_libc(), "mallopt", None)  # glibc only
+    if mallopt is not None:
+        m_mmap_threshold = -3  # <malloc.h>
+        mallopt(m_mmap_threshold, MMAP_THRESHOLD)
 
 
 @dataclass
@@ -229,7 +214,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, keep_mapped: bool = 
     ``keep_mapped`` they stay in the file (or its external data) and are
     read on demand, so the caller holds no copy of the original weights
     (graphs from :func:`to_graph` read them; onnxruntime needs
-    :func:`materialized` or the file); otherwise they are read in once at
+    :func:`mapped.materialized` or the file); otherwise they are read in once at
     the end, an ordinary self-contained ModelProto.  Raises
     :class:`ModelError` with a one-line reason for anything unreadable.
     The input file is only ever opened for reading.
@@ -265,8 +250,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, keep_mapped: bool = 
             raise ModelError(f"input is not a readable ONNX model: {path} ({_short(exc)})") from None
         if not model.graph.node and not model.graph.output:
             raise ModelError(f"input is not an ONNX model (no graph): {path}")
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL and not mapped.is_mapped(t)
-                       for t in model.graph.initializer)
+        external = _uses_external_data(model)
         if external:
             try:
                 mapped.map_external(model, path.parent)
@@ -461,11 +445,6 @@ def _checkable(model: onnx.ModelProto, large: bool = False) -> onnx.ModelProto:
         elif init.name not in listed:
             light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return light
-
-
-def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with every mapped weight read in (itself when none is mapped): a self-contained model."""
-    return mapped.materialized(model)
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -211,8 +211,7 @@ def prune(
         rewrite.apply_maps(graph, analysis, maps)
         pruned = model_io.to_model(graph, original)
         if opts.recover == "none":
-            model_io.dispose_graph(graph)  # the pruned model holds its own copy: keep peak memory down in validate
-            del graph
+            del graph  # the pruned model holds its own copy: keep peak memory down in validate
         try:
             # = check_model(full_check=True), whose strict shape inference
             # runs on a weightless copy (seconds faster on big models).

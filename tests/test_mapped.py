@@ -38,7 +38,7 @@ def test_mapped_weights_equal_onnx_load(name):
     large = {k for k, v in expected.items() if v.dtype.kind == "f" and v.size > mapped.MAPPED_MIN_ELEMENTS}
     assert large and large == {t.name for t in loaded.graph.initializer if mapped.is_mapped(t)}
     assert loaded.ByteSize() < full.ByteSize() - sum(expected[k].nbytes for k in large) + 200 * len(large)
-    got = _arrays(model_io.materialized(loaded))
+    got = _arrays(mapped.materialized(loaded))
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
@@ -231,5 +231,5 @@ def test_every_float_type_reads_back_the_stored_values(tmp_path, dtype):
     got = mapped.mapped_array(loaded.graph.initializer[0])
     assert got.dtype == want.dtype and got.shape == want.shape
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
-    full = model_io.materialized(loaded)
+    full = mapped.materialized(loaded)
     assert full.graph.initializer[0].SerializeToString() == onnx.load(str(path)).graph.initializer[0].SerializeToString()
