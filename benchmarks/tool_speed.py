@@ -23,7 +23,7 @@ Fresh processes per model and method, all with 2 threads:
    torchvision ResNet-50 that this tool prunes (``tv_resnet50``, cached in
    results/models/).
 
-    python benchmarks/tool_speed.py [--models tv_resnet50 mobilenetv2 resnet_legacy]
+    python benchmarks/tool_speed.py [--models tv_resnet50 mobilenetv2 resnet_legacy tv_vgg16]
         [--methods intrafusion prune] [--sparsity 0.5] [--repeats 3] [--tp-python /work/tv-venv/bin/python]
 
 CPU time is the main measure (the machine is shared; wall time is printed
@@ -51,30 +51,32 @@ sys.path.insert(0, str(HERE))
 STAGES = ("load", "groups", "reference", "plan", "rewrite", "stats", "validate")
 THREADS = 2
 TP_MODEL = "tv_resnet50"
+#: torchvision networks (random weights) exported by the Torch-Pruning interpreter: name -> architecture.
+TORCHVISION = {TP_MODEL: "resnet50", "tv_vgg16": "vgg16"}
 DEFAULT_TP_PYTHON = "/work/tv-venv/bin/python"
 
 
 def model_path(name: str, tp_python: str | None = None) -> Path:
     import models as bench_models
 
-    if name == TP_MODEL:
-        return tv_resnet50(tp_python)
+    if name in TORCHVISION:
+        return tv_export(name, tp_python)
     if name in bench_models.MODELS:
         return bench_models.export(name)
     return ROOT / "samples" / f"{name}.onnx"
 
 
-def tv_resnet50(tp_python: str | None) -> Path:
-    """torchvision's ResNet-50 (random weights, eval, legacy exporter, opset 17), exported once."""
+def tv_export(name: str, tp_python: str | None) -> Path:
+    """A torchvision network of :data:`TORCHVISION` (random weights, eval, legacy exporter, opset 17), exported once."""
     import models as bench_models
 
-    out = bench_models.CACHE / f"{TP_MODEL}.onnx"
+    out = bench_models.CACHE / f"{name}.onnx"
     if not out.exists():
         if not tp_python:
-            raise SystemExit(f"{TP_MODEL} needs --tp-python (torch and torchvision) to be exported once")
+            raise SystemExit(f"{name} needs --tp-python (torch and torchvision) to be exported once")
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([tp_python, str(Path(__file__).resolve()), "--tp-child", "export", str(out)],
-                       check=True, env=_env())
+        subprocess.run([tp_python, str(Path(__file__).resolve()), "--tp-child", "export", str(out),
+                        TORCHVISION[name]], check=True, env=_env())
     return out
 
 
@@ -92,8 +94,8 @@ def tp_unavailable(tp_python: str | None) -> str | None:
     return None
 
 
-def tp_child(mode: str, out: str) -> None:
-    """Child process (torch side): ``export`` the unpruned model, or ``prune`` and export it, timed."""
+def tp_child(mode: str, out: str, arch: str = "resnet50") -> None:
+    """Child process (torch side): ``export`` the unpruned ``arch``, or ``prune`` ResNet-50 and export it, timed."""
     import importlib.metadata
     import warnings
 
@@ -102,7 +104,7 @@ def tp_child(mode: str, out: str) -> None:
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
+    model = getattr(torchvision.models, arch)(weights=None).eval()
     example = torch.randn(1, 3, 224, 224)
 
     def export() -> None:
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
         probe(*sys.argv[2:6], extra=sys.argv[6:])
         return 0
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--tp-child":
-        tp_child(*sys.argv[2:4])
+        tp_child(*sys.argv[2:5])
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=[TP_MODEL, "mobilenetv2", "resnet_legacy"])

@@ -38,8 +38,11 @@ IMPORTANCES = (*METRICS, "random")
 def group_scores(rows: Sequence[np.ndarray], importance: str, rng: np.random.Generator | None = None) -> np.ndarray:
     """Score each channel of a group from the per-weight channel matrices ``rows``.
 
-    ``rows[i]`` has shape (channels, features_i).  ``random`` draws from ``rng``
-    (seeded by the caller, so results are reproducible).
+    ``rows[i]`` has shape (channels, features_i): an array, or an object that
+    ``np.asarray`` turns into one and that can also give its columns in
+    blocks (``.blocks()``, ``.nbytes64``; wide ones are scored block by
+    block).  ``random`` draws from ``rng`` (seeded by the caller, so results
+    are reproducible).
     """
     if importance not in IMPORTANCES:
         raise ValueError(f"unknown importance '{importance}' (choose from {', '.join(IMPORTANCES)})")
@@ -50,10 +53,28 @@ def group_scores(rows: Sequence[np.ndarray], importance: str, rng: np.random.Gen
     metric = METRICS[importance]
     total = np.zeros(size, dtype=np.float64)
     for r in rows:
-        s = metric(np.asarray(r, dtype=np.float64))
+        s = _blockwise(r, importance) if _too_wide(r) else metric(np.asarray(r, dtype=np.float64))
         mean = s.mean()
         total += s / mean if mean > 0 else s
     return total / len(rows)
+
+
+#: Rows larger than this (as float64) are scored block by block when they can give blocks.
+BLOCKWISE_BYTES = 32 * 2**20
+
+
+def _too_wide(rows) -> bool:
+    return hasattr(rows, "blocks") and getattr(rows, "nbytes64", 0) > BLOCKWISE_BYTES
+
+
+def _blockwise(rows, importance: str) -> np.ndarray:
+    """A metric over column blocks (``rows.blocks()``): sums and maxima combine across blocks."""
+    acc = None
+    for block in rows.blocks():
+        block = np.asarray(block, dtype=np.float64)
+        part = np.square(block).sum(axis=1) if importance == "l2" else METRICS[importance](block)
+        acc = part if acc is None else (np.maximum(acc, part) if importance == "linf" else acc + part)
+    return np.sqrt(acc) if importance == "l2" else acc
 
 
 def top_k(scores: np.ndarray, keep: int) -> np.ndarray:

@@ -23,8 +23,64 @@ from .options import DATA_IMPORTANCES, Options
 from .progress import Progress, as_progress
 
 
-def group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(rows for importance, rows for transport features) of a group.
+#: Column blocks of a member's rows hold at most this many bytes (as float64).
+BLOCK_BYTES = 32 * 2**20
+
+#: Groups whose transport features would take more than this (float64) get their L1 costs
+#: accumulated block by block instead of from one feature matrix (VGG-16's first classifier
+#: layer: 4096 channels x 29 184 weights = 960 MB).
+STREAM_FEATURE_BYTES = 256 * 2**20
+
+
+class MemberRows:
+    """A member's (channels x features) rows: the whole matrix (``np.asarray``), or column blocks.
+
+    Blocks are read from the constant afresh each time (a mapped weight is read through a
+    new memory map per block), so that a wide member, such as a classifier's input slices,
+    never exists as one more copy.  ``np.asarray`` gives exactly
+    :func:`coupling.channel_rows`.
+    """
+
+    def __init__(self, values, member, size: int):
+        self.values, self.member, self.size = values, member, size
+        shape = tuple(values.shape(member.constant)) if isinstance(values, model_io.WeightValues) \
+            else np.shape(values[member.constant])
+        self.shape = (size, int(np.prod(shape, dtype=np.int64)) // max(shape[member.axis], 1) * member.block)
+
+    @property
+    def nbytes64(self) -> int:
+        return self.shape[0] * self.shape[1] * 8
+
+    def __array__(self, dtype=None, copy=None):
+        rows = coupling.channel_rows(self.values[self.member.constant], self.member, self.size)
+        return rows if dtype is None else rows.astype(dtype)
+
+    def blocks(self):
+        """The rows in column blocks of at most :data:`BLOCK_BYTES` (as float64), in a fixed order."""
+        first = self._piece()
+        if first.ndim == 1:
+            yield np.asarray(self)
+            return
+        per_index = self.nbytes64 // first.shape[1]
+        step = max(1, BLOCK_BYTES // max(per_index, 1))
+        count = first.shape[1]
+        del first
+        for j in range(0, count, step):
+            piece = self._piece()
+            yield np.ascontiguousarray(piece[:, j:j + step]).reshape(self.size, -1)
+            del piece
+
+    def _piece(self) -> np.ndarray:
+        """The member's channels moved to axis 0 (a view of the constant)."""
+        m = self.member
+        values = self.values[m.constant]
+        index = [slice(None)] * values.ndim
+        index[m.axis] = slice(m.offset, m.offset + self.size * m.block)
+        return np.moveaxis(values[tuple(index)], m.axis, 0)
+
+
+def group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[MemberRows], list[MemberRows]]:
+    """(rows for importance, rows for transport features) of a group, as :class:`MemberRows`.
 
     Importance reads producers' output filters and consumers' input slices;
     the transport features add the producers' biases and every multi-value
@@ -36,7 +92,7 @@ def group_rows(group: Group, values: dict[str, np.ndarray]) -> tuple[list[np.nda
     producers = set(group.nodes(PRODUCER))
     scored, features = [], []
     for m in group.members:
-        rows = coupling.channel_rows(values[m.constant], m, group.size)
+        rows = MemberRows(values, m, group.size)
         if m.role in (PRODUCER, CONSUMER):
             scored.append(rows)
             features.append(rows)
@@ -129,10 +185,15 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                 # before the cost matrix, the features (75 MB for ResNet-50's widest group)
                 # before the solver's own memory.
                 del scored
-                feats = plans.normalised_features(features)  # empties `features`
-                # = plans.fusion(feats, ...), with the features freed before the solver runs.
-                cost = plans.cost_matrix(feats, kept, ot_p, compiled, consume=True, removed_only=not ot_reg)
-                del feats
+                if not ot_reg and ot_p == 1 and sum(r.nbytes64 for r in features) > STREAM_FEATURE_BYTES:
+                    cost = plans.removed_cost_in_blocks(lambda: (b for r in features for b in r.blocks()), kept,
+                                                        group.size, compiled)
+                else:
+                    feats = plans.normalised_features([np.asarray(r) for r in features])
+                    # = plans.fusion(feats, ...), with the features freed before the solver runs.
+                    cost = plans.cost_matrix(feats, kept, ot_p, compiled, consume=True, removed_only=not ot_reg)
+                    del feats
+                del features
                 maps[group.id] = (plans.fusion_from_cost(cost, kept, mass, ot_reg) if ot_reg else
                                   plans.fusion_from_plan(plans.plan_from_removed_cost(cost, kept, group.size,
                                                                                       mass).T, kept))

@@ -292,6 +292,34 @@ def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled
     return out
 
 
+def removed_cost_in_blocks(blocks, kept: np.ndarray, size: int, compiled: bool = True) -> np.ndarray:
+    """The L1 costs of :func:`cost_matrix` (``removed_only``) from the features in column blocks.
+
+    ``blocks()`` yields the group's (channels x some features) blocks, together
+    every feature once, in the same order each time it is called (twice: the
+    channel norms, then the distances).  L1 distances add up over blocks, so
+    no full feature matrix is ever built: memory is one block, its removed and
+    kept rows, and the (C - k) x k result.  The values equal the whole-matrix
+    ones up to the order of the float64 sums (the channel norms too).
+    """
+    kept = np.asarray(kept)
+    removed = np.setdiff1d(np.arange(size), kept)
+    squares = np.zeros(size)
+    for block in blocks():
+        block = np.asarray(block, dtype=np.float64)
+        squares += np.einsum("ij,ij->i", block, block)
+    scale = 1.0 / np.maximum(np.sqrt(squares), 1e-12)
+    out = np.zeros((len(removed), len(kept)))
+    none = np.array([], dtype=np.int64)
+    for block in blocks():
+        block = np.asarray(block, dtype=np.float64)
+        x = block[removed] * scale[removed, None]
+        y = block[kept] * scale[kept, None]
+        del block
+        out += _costs(x, y, none, False, 1.0, compiled)
+    return out
+
+
 def _permute_rows(a: np.ndarray, order: np.ndarray) -> None:
     """``a[:] = a[order]`` in place, with one row of scratch memory (follows the cycles of ``order``)."""
     done = np.zeros(len(order), dtype=bool)
