@@ -46,13 +46,18 @@ class MemberRows:
         shape = tuple(values.shape(member.constant)) if isinstance(values, model_io.WeightValues) \
             else np.shape(values[member.constant])
         self.shape = (size, int(np.prod(shape, dtype=np.int64)) // max(shape[member.axis], 1) * member.block)
+        self._whole = None
 
     @property
     def nbytes64(self) -> int:
         return self.shape[0] * self.shape[1] * 8
 
     def __array__(self, dtype=None, copy=None):
-        rows = coupling.channel_rows(self.values[self.member.constant], self.member, self.size)
+        rows = self._whole
+        if rows is None:
+            rows = coupling.channel_rows(self.values[self.member.constant], self.member, self.size)
+            if self.nbytes64 <= BLOCK_BYTES:  # read once for the scores and the features
+                self._whole = rows
         return rows if dtype is None else rows.astype(dtype)
 
     def blocks(self):
