@@ -167,6 +167,9 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
     compiled = plans.use_compiled(sum(_fusion_work(g, values, (kind_sparsity or {}).get(g.kind, sparsity), round_to,
                                                    keeps) for g in todo
                                       if (kind_method or {}).get(g.kind, method) != "prune"), cost_kernel or "auto")
+    if cost_kernel == "compiled" and plans._l1_kernel() is None:
+        warnings.warn(PruneWarning("--cost-kernel compiled: numba is not installed (pip install "
+                                   "'onnx-intrafusion[fast]'); the cost matrices use SciPy"), stacklevel=3)
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)

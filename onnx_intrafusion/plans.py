@@ -186,7 +186,7 @@ COMPILED_COST_WORK = 200_000_000
 #: this many element operations.  Loading numba's kernel takes ~1 CPU s and ~105 MB of
 #: memory for good; SciPy's ``cdist`` costs ~0.35 CPU s more per 1e9 operations
 #: (torchvision ResNet-50 at 0.5: 1e10 operations, plans 2.7 CPU s compiled and 6.1 s with
-#: SciPy; peak memory 394 vs 290 MB, 3.9x vs 2.9x the file).  From 4e10 on (ViT-B, VGG-16:
+#: SciPy; peak memory 404 vs 298 MB, 4.0x vs 2.9x the file).  From 4e10 on (ViT-B, VGG-16:
 #: >14 s saved) the kernel pays for its memory; ``cost_kernel="compiled"`` always uses it.
 COMPILED_RUN_WORK = 40_000_000_000
 

@@ -89,3 +89,16 @@ def test_cost_kernel_choice():
         Options(method="prune", cost_kernel="compiled").resolve(False)
     with pytest.raises(UsageError):
         Options(cost_kernel="gpu").resolve(False)
+
+
+def test_compiled_kernel_asked_for_without_numba_warns_and_uses_scipy(monkeypatch):
+    from conftest import sample
+
+    from onnx_intrafusion import prune
+    from onnx_intrafusion.errors import PruneWarning
+
+    monkeypatch.setattr(plans, "_L1_KERNEL", False)  # as when numba does not import
+    with pytest.warns(PruneWarning, match="numba is not installed"):
+        got = prune(str(sample("vgg_legacy.onnx")), 0.5, cost_kernel="compiled", validate=False)
+    want = prune(str(sample("vgg_legacy.onnx")), 0.5, cost_kernel="scipy", validate=False)
+    assert got.model.SerializeToString() == want.model.SerializeToString()
