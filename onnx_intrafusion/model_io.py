@@ -201,9 +201,10 @@ def _read_mapped(path: Path) -> onnx.ModelProto:
     wire scan fails, so that an unreadable file gets onnx's own reason."""
     try:
         return mapped.load_mapped(path)
-    except OSError:
+    except PermissionError:
         raise
-    except Exception:  # noqa: BLE001 - not a message the scan can walk: onnx.load reads it or says why
+    except Exception:  # noqa: BLE001 - not a message the scan can walk, or a file that cannot be
+        # memory-mapped (some network or FUSE file systems): onnx.load reads it whole or says why
         return onnx.load(str(path), load_external_data=False)
 
 

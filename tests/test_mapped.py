@@ -233,3 +233,20 @@ def test_every_float_type_reads_back_the_stored_values(tmp_path, dtype):
     assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
     full = mapped.materialized(loaded)
     assert full.graph.initializer[0].SerializeToString() == onnx.load(str(path)).graph.initializer[0].SerializeToString()
+
+
+def test_a_file_that_cannot_be_memory_mapped_is_read_whole(monkeypatch, tmp_path):
+    import errno
+    import mmap as mmap_module
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mmap_module, "mmap", no_mmap)
+    loaded = model_io.load_model(sample("vgg_legacy.onnx"), keep_mapped=True).model
+    assert not mapped.uses_mapped(loaded)
+    want = _arrays(onnx.load(str(sample("vgg_legacy.onnx"))))
+    got = _arrays(loaded)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    result = prune(str(sample("vgg_legacy.onnx")), 0.5, validate=False)
+    assert result.model.graph.node
