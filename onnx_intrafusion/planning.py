@@ -32,6 +32,11 @@ BLOCK_BYTES = 32 * 2**20
 STREAM_FEATURE_BYTES = 256 * 2**20
 
 
+def _constant_shape(values, name: str) -> tuple[int, ...]:
+    """A constant's shape without reading it (``values`` is :class:`model_io.WeightValues` or a dict of arrays)."""
+    return tuple(values.shape(name)) if isinstance(values, model_io.WeightValues) else np.shape(values[name])
+
+
 class MemberRows:
     """A member's (channels x features) rows: the whole matrix (``np.asarray``), or column blocks.
 
@@ -43,8 +48,7 @@ class MemberRows:
 
     def __init__(self, values, member, size: int):
         self.values, self.member, self.size = values, member, size
-        shape = tuple(values.shape(member.constant)) if isinstance(values, model_io.WeightValues) \
-            else np.shape(values[member.constant])
+        shape = _constant_shape(values, member.constant)
         self.shape = (size, int(np.prod(shape, dtype=np.int64)) // max(shape[member.axis], 1) * member.block)
         self._whole = None
 
@@ -202,9 +206,7 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                     cost = plans.cost_matrix(feats, kept, ot_p, compiled, consume=True, removed_only=not ot_reg)
                     del feats
                 del features
-                maps[group.id] = (plans.fusion_from_cost(cost, kept, mass, ot_reg) if ot_reg else
-                                  plans.fusion_from_plan(plans.plan_from_removed_cost(cost, kept, group.size,
-                                                                                      mass).T, kept))
+                maps[group.id] = plans.fusion_from_costs(cost, kept, group.size, mass, ot_reg)
                 del cost
             model_io.release_freed_memory()  # the group's features and solver memory, before the next one
             steps.advance(detail=f"group {group.id}: {group.size}->{keep}")
@@ -215,8 +217,7 @@ def _fusion_work(group: Group, values, sparsity: float, round_to: int, keeps: di
     """Element operations of the group's cost matrix (removed x kept channels x feature width), from shapes only."""
     keep = (plans.keep_count(group.size, sparsity, allocation_mod.multiple(group, round_to)) if keeps is None
             else keeps.get(group.id, group.size))
-    shape = values.shape if isinstance(values, model_io.WeightValues) else (lambda name: np.shape(values[name]))
-    width = sum(int(np.prod(shape(m.constant))) // max(group.size, 1) for m in group.members)
+    width = sum(int(np.prod(_constant_shape(values, m.constant))) // max(group.size, 1) for m in group.members)
     return (group.size - keep) * keep * width
 
 

@@ -421,12 +421,18 @@ def plan_from_cost(cost: np.ndarray, kept: np.ndarray, source_mass: np.ndarray |
     ot = import_pot()
 
     size, keep = cost.shape[0], len(kept)
-    a = np.full(size, 1.0 / size) if source_mass is None else source_mass / source_mass.sum()
-    b = a[kept] / a[kept].sum() if source_mass is not None else np.full(keep, 1.0 / keep)
+    a, b = _marginals(size, kept, source_mass)
     if reg > 0:
         scale = cost.max() if cost.max() > 0 else 1.0
         return ot.sinkhorn(a, b, cost / scale, reg, numItermax=10000, warn=False)
     return ot.emd(a, b, cost, numItermax=max(100_000, 20 * size * keep))
+
+
+def _marginals(size: int, kept: np.ndarray, source_mass: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) masses: uniform, or the importance normalised over all and over the kept channels."""
+    a = np.full(size, 1.0 / size) if source_mass is None else source_mass / source_mass.sum()
+    b = a[kept] / a[kept].sum() if source_mass is not None else np.full(len(kept), 1.0 / len(kept))
+    return a, b
 
 
 def plan_from_removed_cost(removed_cost: np.ndarray, kept: np.ndarray, size: int,
@@ -446,8 +452,7 @@ def plan_from_removed_cost(removed_cost: np.ndarray, kept: np.ndarray, size: int
     ot = import_pot()
 
     keep = len(kept)
-    a = np.full(size, 1.0 / size) if source_mass is None else source_mass / source_mass.sum()
-    b = a[kept] / a[kept].sum() if source_mass is not None else np.full(keep, 1.0 / keep)
+    a, b = _marginals(size, kept, source_mass)
     removed = np.setdiff1d(np.arange(size), kept)
     plan = np.zeros((size, keep))
     plan[kept, np.arange(keep)] = a[kept]
@@ -469,10 +474,17 @@ def fusion(features: np.ndarray, kept: np.ndarray, source_mass: np.ndarray | Non
     size = features.shape[0]
     if len(kept) == size:
         return selection(size, kept)
+    cost = cost_matrix(features, kept, p, compiled, consume, removed_only=not reg)
+    return fusion_from_costs(cost, kept, size, source_mass, reg)
+
+
+def fusion_from_costs(cost: np.ndarray, kept: np.ndarray, size: int, source_mass: np.ndarray | None = None,
+                      reg: float = 0.0) -> ChannelMap:
+    """:func:`fusion` from the costs it needs: the removed channels' rows for the exact plan
+    (``reg == 0``, ``cost_matrix(..., removed_only=True)``), all C rows for Sinkhorn."""
     if reg > 0:
-        return fusion_from_cost(cost_matrix(features, kept, p, compiled, consume), kept, source_mass, reg)
-    removed_cost = cost_matrix(features, kept, p, compiled, consume, removed_only=True)
-    return fusion_from_plan(plan_from_removed_cost(removed_cost, kept, size, source_mass).T, kept)
+        return fusion_from_cost(cost, kept, source_mass, reg)
+    return fusion_from_plan(plan_from_removed_cost(cost, kept, size, source_mass).T, kept)
 
 
 def fusion_from_cost(cost: np.ndarray, kept: np.ndarray, source_mass: np.ndarray | None = None,
