@@ -112,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     ot.add_argument("--marginals", choices=MARGINALS, default=None,
                     help="transport marginals: uniform (default) or importance-weighted")
     ot.add_argument("--cost-kernel", choices=COST_KERNELS, default=None,
-                    help="L1 cost matrices: auto (default) = numba's compiled kernel (the fast extra) only for "
-                    "runs large enough to repay its ~105 MB, compiled = whenever numba is installed (faster, "
-                    "more memory), scipy = never")
+                    help="L1 cost matrices: auto (default) = the package's compiled C kernel when it was built at "
+                    "install, else numba's (the fast extra) only for runs large enough to repay its ~115 MB; "
+                    "compiled = either kernel whenever available; scipy = SciPy's cdist (~4x slower)")
     alloc = p.add_argument_group("allocation")
     alloc.add_argument("--target", choices=DEPLOY_TARGETS, default="auto",
                        help="runtime the model is for; every pruned group keeps a multiple of the channels its "

@@ -172,8 +172,9 @@ def plan_groups(analysis: Analysis, values: dict[str, np.ndarray], sparsity: flo
                                                    keeps) for g in todo
                                       if (kind_method or {}).get(g.kind, method) != "prune"), cost_kernel or "auto")
     if cost_kernel == "compiled" and plans._l1_kernel() is None:
-        warnings.warn(PruneWarning("--cost-kernel compiled: numba is not installed (pip install "
-                                   "'onnx-intrafusion[fast]'); the cost matrices use SciPy"), stacklevel=3)
+        warnings.warn(PruneWarning("--cost-kernel compiled: the C extension was not built (no C compiler at "
+                                   "install) and numba is not installed (pip install 'onnx-intrafusion[fast]'); "
+                                   "the cost matrices use SciPy"), stacklevel=3)
     with progress.steps("groups planned", len(todo)) as steps:
         for group in todo:
             group_sparsity = (kind_sparsity or {}).get(group.kind, sparsity)

@@ -179,26 +179,62 @@ def _threads() -> int:
 
 
 #: L1 cost matrices with more element operations than this use the compiled kernel
-#: (:func:`_l1_kernel`) when numba is installed; smaller ones are not worth its start-up.
+#: (:func:`_l1_kernel`); smaller ones go to SciPy, where the kept block comes from the
+#: symmetric ``pdist`` (half the work) and no threads are started.
 COMPILED_COST_WORK = 200_000_000
 
-#: ... and (``cost_kernel="auto"``) only in runs whose L1 cost matrices add up to at least
-#: this many element operations.  Loading numba's kernel takes ~1 CPU s and ~105 MB of
-#: memory for good; SciPy's ``cdist`` costs ~0.35 CPU s more per 1e9 operations
-#: (torchvision ResNet-50 at 0.5: 1e10 operations, plans 2.7 CPU s compiled and 6.1 s with
-#: SciPy; peak memory 404 vs 298 MB, 4.0x vs 2.9x the file).  From 4e10 on (ViT-B, VGG-16:
-#: >14 s saved) the kernel pays for its memory; ``cost_kernel="compiled"`` always uses it.
+#: With only numba's kernel (the C extension not built), ``cost_kernel="auto"`` uses it
+#: only in runs whose L1 cost matrices add up to at least this many element operations.
+#: Loading numba's kernel takes ~0.3 CPU s and ~115 MB of memory for good; SciPy's
+#: ``cdist`` costs ~0.4 CPU s more per 1e9 operations (torchvision ResNet-50 at 0.5:
+#: 1e10 operations, peak memory 397 vs 294 MB, 3.9x vs 2.9x the file).  From 4e10 on
+#: (ViT-B, VGG-16: >14 s saved) the kernel pays for its memory.  The C extension costs
+#: no memory to speak of, so ``auto`` uses it for every run.
 COMPILED_RUN_WORK = 40_000_000_000
 
 
 def use_compiled(run_work: float, cost_kernel: str = "auto") -> bool:
     """Whether a run with ``run_work`` L1 element operations in all its cost matrices uses the kernel."""
-    return cost_kernel == "compiled" or (cost_kernel == "auto" and run_work >= COMPILED_RUN_WORK)
+    if cost_kernel == "compiled":
+        return True
+    return cost_kernel == "auto" and (_native_kernel() is not None or run_work >= COMPILED_RUN_WORK)
 
-_L1_KERNEL = None
+
+_NATIVE_KERNEL = None
+_NUMBA_KERNEL = None
 
 
 def _l1_kernel():
+    """The compiled L1 kernel ``kernel(x, y, out)``: the C extension, else numba's, else None."""
+    return _native_kernel() or _numba_kernel()
+
+
+def _native_kernel():
+    """The C extension's L1 kernel (``_l1.c``), or None where it was not built.
+
+    Same loop as :func:`_numba_kernel` (measured as fast: 0.63 vs 0.61 CPU s for
+    1024 x 1024 x 4608, SciPy 2.6 s) without numba's ~115 MB and start-up.
+    """
+    global _NATIVE_KERNEL
+    if _NATIVE_KERNEL is None:
+        try:
+            from . import _l1
+        except ImportError:  # built without a C compiler
+            _NATIVE_KERNEL = False
+            return None
+
+        def l1(x: np.ndarray, y: np.ndarray, out: np.ndarray) -> None:
+            x, y = np.ascontiguousarray(x, np.float64), np.ascontiguousarray(y, np.float64)
+            if out.dtype != np.float64 or not out.flags.c_contiguous or out.shape != (len(x), len(y)) \
+                    or x.shape[1:] != y.shape[1:]:
+                raise ValueError("l1: x (n, f), y (m, f) and a C-contiguous float64 out (n, m)")
+            _l1.l1(x, y, out, x.shape[0], y.shape[0], x.shape[1] if x.ndim == 2 else 0)
+
+        _NATIVE_KERNEL = l1
+    return _NATIVE_KERNEL or None
+
+
+def _numba_kernel():
     """numba L1 distance kernel (float64, blocked), or None without numba.
 
     SciPy's ``cdist("cityblock")`` runs a scalar loop; this one vectorises the
@@ -209,12 +245,12 @@ def _l1_kernel():
     transport plans are the same (tested).  Compiled once per machine
     (numba's cache), released GIL so the row blocks run on all cores.
     """
-    global _L1_KERNEL
-    if _L1_KERNEL is None:
+    global _NUMBA_KERNEL
+    if _NUMBA_KERNEL is None:
         try:
             import numba
         except Exception:  # noqa: BLE001 - not installed, or broken (e.g. a module shadowing `coverage`)
-            _L1_KERNEL = False
+            _NUMBA_KERNEL = False
             return None
 
         @numba.njit(fastmath=True, nogil=True, cache=True)
@@ -246,8 +282,8 @@ def _l1_kernel():
 
         probe = np.zeros((1, 1))
         l1(probe, probe, np.empty((1, 1)))  # compile (or load numba's cache) once, not in the worker threads
-        _L1_KERNEL = l1
-    return _L1_KERNEL or None
+        _NUMBA_KERNEL = l1
+    return _NUMBA_KERNEL or None
 
 
 def cost_matrix(features: np.ndarray, kept: np.ndarray, p: float = 1.0, compiled: bool = True,

@@ -79,8 +79,11 @@ def test_sinkhorn_still_uses_the_whole_cost_matrix():
     np.testing.assert_allclose(got.average, plans.fusion_from_cost(cost, kept, None, 0.05).average)
 
 
-def test_cost_kernel_choice():
+def test_cost_kernel_choice(monkeypatch):
+    monkeypatch.setattr(plans, "_NATIVE_KERNEL", False)  # only numba's kernel: large runs only
     assert not plans.use_compiled(1e10) and plans.use_compiled(5e10)
+    monkeypatch.setattr(plans, "_NATIVE_KERNEL", lambda x, y, out: None)  # the C extension: every run
+    assert plans.use_compiled(0) and not plans.use_compiled(1e12, "scipy")
     assert plans.use_compiled(0, "compiled") and not plans.use_compiled(1e12, "scipy")
     assert Options(cost_kernel="scipy").resolve(False).cost_kernel == "scipy"
     assert Options().resolve(False).cost_kernel == "auto"
@@ -97,7 +100,8 @@ def test_compiled_kernel_asked_for_without_numba_warns_and_uses_scipy(monkeypatc
     from onnx_intrafusion import prune
     from onnx_intrafusion.errors import PruneWarning
 
-    monkeypatch.setattr(plans, "_L1_KERNEL", False)  # as when numba does not import
+    monkeypatch.setattr(plans, "_NATIVE_KERNEL", False)  # as when the C extension was not built
+    monkeypatch.setattr(plans, "_NUMBA_KERNEL", False)  # and numba does not import
     with pytest.warns(PruneWarning, match="numba is not installed"):
         got = prune(str(sample("vgg_legacy.onnx")), 0.5, cost_kernel="compiled", validate=False)
     want = prune(str(sample("vgg_legacy.onnx")), 0.5, cost_kernel="scipy", validate=False)

@@ -214,9 +214,17 @@ def test_cost_matrix_is_bitwise_plain_cdist(size, keep):
 
 # -- compiled L1 cost matrix (numba): the cdist values, the same transport plans ------------------
 
+@pytest.mark.parametrize("kernel", ["native", "numba"])
 @pytest.mark.parametrize("size, keep, dim", [(64, 32, 300), (129, 45, 77), (200, 133, 513)])
-def test_compiled_l1_cost_gives_the_cdist_plan(monkeypatch, size, keep, dim):
-    pytest.importorskip("numba", reason="numba (the 'fast' extra) not installed: only the SciPy path runs here")
+def test_compiled_l1_cost_gives_the_cdist_plan(monkeypatch, size, keep, dim, kernel):
+    if kernel == "numba":
+        pytest.importorskip("numba", reason="numba (the 'fast' extra) not installed: only the SciPy path runs here")
+        monkeypatch.setattr(plans, "_NATIVE_KERNEL", False)
+    else:
+        from test_l1_native import native_or_skip
+
+        native_or_skip()
+        monkeypatch.setattr(plans, "_NUMBA_KERNEL", False)
     rng = np.random.default_rng(size + keep)
     feats = plans.normalised_features([rng.standard_normal((size, dim))])
     kept = np.sort(rng.choice(size, keep, replace=False))
