@@ -13,8 +13,8 @@ Fresh processes per model and method, all with 2 threads:
    records the CPU time of every stage and the peak RSS reached by its end
    (VmHWM), and the RSS after the imports alone (onnxruntime, onnx,
    SciPy: memory no pruning change removes; POT is imported by the first
-   transport plan, numba's kernel only by runs large enough to need it, see
-   ``plans.use_compiled``);
+   transport plan; the L1 costs use the package's C kernel, numba's only where
+   that was not built and the run is large enough, see ``plans.use_compiled``);
 3. Torch-Pruning (``--tp-python``, a Python with torch, torchvision and
    torch-pruning; skipped with the reason when missing): its
    ``MagnitudePruner`` (L1, ratio 0.5, the fc layer ignored) on torchvision's
