@@ -9,6 +9,7 @@ median of interleaved rounds, as in benchmarks/speed.py).
 
     python benchmarks/quantize.py                                  # all bundled models, sparsity 0.3
     python benchmarks/quantize.py --models resnet18_legacy --sparsity 0.5 --test-samples 2000
+    python benchmarks/quantize.py --sparsity 0.2 --recover distill    # distillation (torch) before int8
 
 Calibration: ``--calibration-samples`` images of the *training* split (labels
 unused).  Results are appended to docs/results/quantize.json (rows already
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--sparsity", type=float, default=0.3)
     p.add_argument("--method", default="intrafusion")
+    p.add_argument("--recover", default=None, help="recovery (default: lstsq; distill needs torch)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="with --recover distill")
     p.add_argument("--calibration-samples", type=int, default=512)
     p.add_argument("--test-samples", type=int, default=10000)
     p.add_argument("--runtimes", nargs="+", default=["ort", "openvino"])
@@ -83,20 +86,22 @@ def main(argv=None) -> int:
     x_test, y_test = load_fashion_mnist("test")
     x_test, y_test = x_test[: args.test_samples], y_test[: args.test_samples]
     calib = {"x": x_train[np.random.default_rng(0).permutation(len(x_train))[: args.calibration_samples]]}
-    print(f"# load {os.getloadavg()[0]:.2f}; sparsity {args.sparsity}, {args.method}, "
+    print(f"# load {os.getloadavg()[0]:.2f}; sparsity {args.sparsity}, {args.method}, recover {args.recover or 'lstsq'}, "
           f"{args.calibration_samples} calibration images, {len(x_test)} test images")
     print(f"{'model':<20} {'variant':<16} {'acc %':>6} {'KB':>7} {'MMACs':>6} "
           + " ".join(f"{r + ' b' + str(b) + ' ms':>14}" for r in args.runtimes for b in args.batches))
     for name in args.models:
         tag = dict(model=name, sparsity=args.sparsity, method=args.method,
                    calibration_samples=args.calibration_samples, test_samples=len(x_test))
-        if any(all(r.get(k) == v for k, v in tag.items()) for r in data["rows"]):
+        options = dict(recover=args.recover, finetune_epochs=args.finetune_epochs)  # None: the default
+        extra = {k: v for k, v in options.items() if v is not None}
+        if any(all(r.get(k) == v for k, v in {**tag, **options}.items()) for r in data["rows"]):
             continue
         src = FASHION / f"{name}.onnx"
         original = onnx.load(str(src))
         t = time.perf_counter()
         result = prune(src, args.sparsity, args.method, target="auto", calibration=calib, quantize="int8",
-                       validate=False)
+                       validate=False, **extra)
         prune_s = time.perf_counter() - t
         t = time.perf_counter()
         quant_only = deploy.quantize_int8(original, calibration_mod.batches(calibration_mod.match(calib, original),
@@ -117,7 +122,7 @@ def main(argv=None) -> int:
                     except Exception as exc:  # noqa: BLE001 - a runtime that is missing or refuses a model
                         print(f"# {name} {runtime} b{batch}: {' '.join(str(exc).split())[:200]}")
             sizes = {k: p.stat().st_size for k, p in paths.items()}
-        row = dict(tag, round_to=result.report.options["round_to"], prune_and_quantize_s=prune_s,
+        row = dict(tag, **extra, round_to=result.report.options["round_to"], prune_and_quantize_s=prune_s,
                    quantize_only_s=quant_s, quantization=result.report.quantization, variants={})
         for k, m in variants.items():
             acc = accuracy(m, x_test, y_test)
