@@ -104,19 +104,22 @@ def selection(size: int, kept: np.ndarray) -> ChannelMap:
     return ChannelMap(np.asarray(kept), sel, sel.copy())
 
 
-def normalised_features(rows: list[np.ndarray]) -> np.ndarray:
+def normalised_features(rows: list) -> np.ndarray:
     """Concatenate a group's per-weight channel rows; scale each channel to unit L2 norm.
 
-    Empties ``rows`` as it copies them, so that each member's rows can be
-    freed as soon as they are in the result (when the caller holds no other
-    reference to them).
+    ``rows`` holds arrays, or objects with a ``shape`` that ``np.asarray``
+    reads (``planning.MemberRows``: read from the weights only when copied).
+    Empties ``rows`` as it copies them, so that each member's rows (and
+    anything cached with them) can be freed as soon as they are in the
+    result (when the caller holds no other reference to them).
     """
-    feats = np.empty((np.shape(rows[0])[0], sum(np.shape(r)[1] for r in rows)))
+    feats = np.empty((rows[0].shape[0], sum(r.shape[1] for r in rows)))
     at = 0
     while rows:  # cast while copying: no float64 copy of each member beside the result
         r = rows.pop(0)
-        feats[:, at:at + r.shape[1]] = r
-        at += r.shape[1]
+        width = r.shape[1]
+        feats[:, at:at + width] = np.asarray(r)
+        at += width
         del r
     # In place and by row blocks (each row's norm is the same as over all rows at once):
     # the features of a wide group take 75 MB (ResNet-50), a temporary square of them as much.

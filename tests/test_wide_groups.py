@@ -99,3 +99,30 @@ def test_a_pruned_model_is_the_same_with_blocked_rewrites(monkeypatch):
     want = prune(model, 0.5).model.SerializeToString()
     monkeypatch.setattr(rewrite, "MIX_BLOCK_BYTES", 1000)
     assert prune(model, 0.5).model.SerializeToString() == want
+
+
+def test_features_read_lazy_rows_once_and_free_each_after_copying():
+    """``normalised_features`` takes objects that read their rows only when copied and lets
+    each go before reading the next (oracle: concatenation and row norms written here)."""
+    import weakref
+
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal((12, w)).astype(np.float32) for w in (3, 7, 5)]
+    alive, reads = [], []
+
+    class Lazy:
+        def __init__(self, i):
+            self.i, self.shape = i, arrays[i].shape
+
+        def __array__(self, dtype=None, copy=None):
+            reads.append((self.i, sum(ref() is not None for ref in alive)))
+            return arrays[self.i]
+
+    rows = [Lazy(i) for i in range(3)]
+    alive.extend(weakref.ref(r) for r in rows)
+    feats = plans.normalised_features(rows)
+    assert rows == [] and all(ref() is None for ref in alive)
+    assert reads == [(0, 3), (1, 2), (2, 1)]  # read once each, the earlier ones already freed
+    want = np.concatenate(arrays, axis=1).astype(np.float64)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(feats, want, rtol=1e-12)
