@@ -2,12 +2,11 @@
  *
  * Why hand-written C instead of a library (torchvision ResNet-50 at 0.5, 1e10 element
  * operations, this machine): SciPy's cdist("cityblock") runs a scalar loop (2.6 CPU s for
- * one 1024 x 1024 x 4608 block, 0.63 s here); numba compiles the same loop as fast but
- * costs ~115 MB of memory (LLVM) and ~0.3 s to load, more than the 3x-the-model budget
- * allows.  This file is the same loop numba ran (plans._numba_kernel): the feature axis is
- * vectorised, each row of x is reused for four rows of y and a block of 32 rows of y stays
- * in cache.  The sums are float64; only their order differs from SciPy's (relative
- * differences ~1e-15).  The build is optional (setup.py): without a C compiler the package
+ * one 1024 x 1024 x 4608 block, 0.40 s here); numba compiles a similar loop (0.61 s for
+ * plans._numba_kernel) but costs ~115 MB of memory (LLVM) and ~0.3 s to load, more than
+ * the 3x-the-model budget allows.  The feature axis is vectorised, each pass reads four
+ * rows of x and two of y for eight sums, and a block of 32 rows of y stays in cache.  The
+ * sums are float64; only their order differs from SciPy's (relative differences ~1e-15).  The build is optional (setup.py): without a C compiler the package
  * falls back to numba or SciPy.
  */
 #define PY_SSIZE_T_CLEAN
@@ -22,38 +21,58 @@
 #define CLONES
 #endif
 
+static double one(const double *a, const double *b, Py_ssize_t f)
+{
+    double s = 0.0;
+    for (Py_ssize_t t = 0; t < f; t++)
+        s += fabs(a[t] - b[t]);
+    return s;
+}
+
 CLONES static void cityblock(const double *x, const double *y, double *out,
                              Py_ssize_t n, Py_ssize_t m, Py_ssize_t f)
 {
-    for (Py_ssize_t j0 = 0; j0 < m; j0 += 32) {
+    /* Four rows of x against two rows of y per pass over the features: 8 sums from 6 loads
+     * (14 vector registers: fits AVX2's 16).  Measured on 1024 x 1024 x 4608, one thread:
+     * 0.39-0.40 CPU s with AVX-512 or AVX2, against 0.63 s for one row of x against four. */
+    for (Py_ssize_t j0 = 0; j0 < m; j0 += 32) {  /* 32 rows of y (~1 MB at 4500 features) stay in L2 */
         Py_ssize_t j1 = j0 + 32 < m ? j0 + 32 : m;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const double *xi = x + i * f;
-            double *row = out + i * m;
+        Py_ssize_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            const double *x0 = x + i * f, *x1 = x0 + f, *x2 = x1 + f, *x3 = x2 + f;
             Py_ssize_t j = j0;
-            for (; j + 4 <= j1; j += 4) {
-                const double *y0 = y + j * f, *y1 = y0 + f, *y2 = y1 + f, *y3 = y2 + f;
-                double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+            for (; j + 2 <= j1; j += 2) {
+                const double *y0 = y + j * f, *y1 = y0 + f;
+                double s00 = 0.0, s01 = 0.0, s10 = 0.0, s11 = 0.0, s20 = 0.0, s21 = 0.0, s30 = 0.0, s31 = 0.0;
                 for (Py_ssize_t t = 0; t < f; t++) {
-                    double v = xi[t];
-                    s0 += fabs(v - y0[t]);
-                    s1 += fabs(v - y1[t]);
-                    s2 += fabs(v - y2[t]);
-                    s3 += fabs(v - y3[t]);
+                    double a = y0[t], b = y1[t];
+                    double u0 = x0[t], u1 = x1[t], u2 = x2[t], u3 = x3[t];
+                    s00 += fabs(u0 - a);
+                    s01 += fabs(u0 - b);
+                    s10 += fabs(u1 - a);
+                    s11 += fabs(u1 - b);
+                    s20 += fabs(u2 - a);
+                    s21 += fabs(u2 - b);
+                    s30 += fabs(u3 - a);
+                    s31 += fabs(u3 - b);
                 }
-                row[j] = s0;
-                row[j + 1] = s1;
-                row[j + 2] = s2;
-                row[j + 3] = s3;
+                double *r = out + i * m + j;
+                r[0] = s00;
+                r[1] = s01;
+                r[m] = s10;
+                r[m + 1] = s11;
+                r[2 * m] = s20;
+                r[2 * m + 1] = s21;
+                r[3 * m] = s30;
+                r[3 * m + 1] = s31;
             }
-            for (; j < j1; j++) {
-                const double *yj = y + j * f;
-                double s = 0.0;
-                for (Py_ssize_t t = 0; t < f; t++)
-                    s += fabs(xi[t] - yj[t]);
-                row[j] = s;
-            }
+            for (; j < j1; j++)
+                for (Py_ssize_t k = 0; k < 4; k++)
+                    out[(i + k) * m + j] = one(x + (i + k) * f, y + j * f, f);
         }
+        for (; i < n; i++)
+            for (Py_ssize_t j = j0; j < j1; j++)
+                out[i * m + j] = one(x + i * f, y + j * f, f);
     }
 }
 
