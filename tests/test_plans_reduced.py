@@ -106,3 +106,21 @@ def test_compiled_kernel_asked_for_without_numba_warns_and_uses_scipy(monkeypatc
         got = prune(str(sample("vgg_legacy.onnx")), 0.5, cost_kernel="compiled", validate=False)
     want = prune(str(sample("vgg_legacy.onnx")), 0.5, cost_kernel="scipy", validate=False)
     assert got.model.SerializeToString() == want.model.SerializeToString()
+
+
+def test_pot_is_imported_without_torch_sklearn_or_networkx_and_they_stay_importable():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from onnx_intrafusion import plans\n"
+        "ot = plans.import_pot()\n"
+        "assert hasattr(ot, 'emd') and hasattr(ot, 'sinkhorn')\n"
+        "print(sorted(m for m in ('torch', 'sklearn', 'networkx') if sys.modules.get(m) is not None))\n"
+        "import importlib.util\n"
+        "print(all(sys.modules.get(m, 0) is not None for m in ('sklearn', 'networkx')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"  # none of them was imported by POT
+    assert out[1] == "True"  # and none is left marked as missing for the user's own imports
