@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     # torch/jax/sklearn probes): its 52 MB are not held while onnxruntime runs the original.
     from .model_io import map_large_allocations
 
-    map_large_allocations()  # freed weight-sized arrays leave the process (peak memory)
+    if args.calibration is None:  # data-free runs: freed weight-sized arrays leave the process (peak memory)
+        map_large_allocations()
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if not debug:
         from .model_io import quiet_graphsurgeon

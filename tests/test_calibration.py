@@ -326,3 +326,19 @@ def test_cli_calibration_options(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and needle in err and err.count("\n") == 1, err
         assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_maps_large_allocations_only_in_data_free_runs(tmp_path, monkeypatch):
+    """A 1 MB mmap threshold lowers a data-free run's peak; with calibration data it only adds page faults."""
+    from onnx_intrafusion import model_io
+
+    calls = []
+    monkeypatch.setattr(model_io, "map_large_allocations", lambda: calls.append(1))
+    src = sample("vgg_dynbatch_legacy.onnx")
+    shape = [d.dim_value for d in onnx.load(str(src)).graph.input[0].type.tensor_type.shape.dim][1:]
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal([8, *shape]).astype(np.float32))
+    assert cli_main([str(src), str(tmp_path / "a.onnx"), "--no-validate", "--quiet"]) == 0
+    assert calls == [1]
+    assert cli_main([str(src), str(tmp_path / "b.onnx"), "--calibration", str(tmp_path / "calib.npz"),
+                     "--no-validate", "--quiet"]) == 0
+    assert calls == [1]
