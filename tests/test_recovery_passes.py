@@ -78,3 +78,38 @@ def test_lockstep_gives_the_stored_targets_weights(monkeypatch, name):
     lockstep = _recover(monkeypatch, model, feeds, held)
     assert max(lockstep[2].values()) == 1
     _same(lockstep, _recover(monkeypatch, model, feeds, held, store_targets=True))
+
+
+@pytest.mark.parametrize("name", ["transformers/vit_legacy.onnx", "resnet_legacy.onnx"])
+def test_waves_patch_the_written_weights_into_one_export_as_a_fresh_export_would(monkeypatch, name):
+    """Oracle: the same recovery with the whole graph exported again for every wave."""
+    model, feeds, held = _data(name)
+    refreshed = []
+    refresh = activations._refresh
+    monkeypatch.setattr(activations, "_refresh", lambda m, w: refreshed.append(refresh(m, w)) or refreshed[-1])
+    patched = _recover(monkeypatch, model, feeds, held)
+    assert any(refreshed), "no wave reused the export"
+    monkeypatch.setattr(activations, "_refresh", lambda m, w: False)
+    exported = _recover(monkeypatch, model, feeds, held)
+    weights, result, _ = patched
+    ref_weights, ref_result, _ = exported
+    assert weights.keys() == ref_weights.keys() and len(weights) > 5
+    for node, w in weights.items():
+        np.testing.assert_array_equal(w, ref_weights[node], err_msg=node)
+    assert [(r.node, r.kept, r.error_after) for r in result.layers] == \
+        [(r.node, r.kept, r.error_after) for r in ref_result.layers]
+
+
+def test_refresh_refuses_what_it_cannot_patch():
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 2), np.float32), "w")
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [w]))
+    assert activations._refresh(model, [gs.Constant("w", np.full((2, 2), 3, np.float32))])
+    assert np.array_equal(numpy_helper.to_array(model.graph.initializer[0]), np.full((2, 2), 3))
+    assert not activations._refresh(model, [gs.Constant("other", np.zeros(2, np.float32))])
+    assert not activations._refresh(model, [None])
