@@ -6,8 +6,9 @@
  * plans._numba_kernel) but costs ~115 MB of memory (LLVM) and ~0.3 s to load, more than
  * the 3x-the-model budget allows.  The feature axis is vectorised, each pass reads four
  * rows of x and two of y for eight sums, and a block of 32 rows of y stays in cache.  The
- * sums are float64; only their order differs from SciPy's (relative differences ~1e-15).  The build is optional (setup.py): without a C compiler the package
- * falls back to numba or SciPy.
+ * sums are float64; only their order differs from SciPy's (relative differences ~1e-15).
+ * The build is optional (setup.py): without a C compiler the package falls back to numba
+ * or SciPy.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

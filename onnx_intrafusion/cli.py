@@ -320,7 +320,7 @@ def _mute(stream) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # POT is imported when the first transport plan is solved (plans.import_pot, without its
-    # torch/jax/sklearn probes): its 52 MB are not held while onnxruntime runs the original.
+    # torch/jax/sklearn/networkx probes): its 39 MB are not held while onnxruntime runs the original.
     from .model_io import map_large_allocations
 
     if args.calibration is None:  # data-free runs: freed weight-sized arrays leave the process (peak memory)

@@ -176,7 +176,7 @@ def map_large_allocations() -> None:
     for data-free runs: with calibration data, recovery allocates and frees
     batch-sized arrays thousands of times, and a fresh mapping for each costs
     a page fault per 4 kB (torchvision vit_b_16 with 256 images: 99 instead
-    of 41 s of system time, 287 instead of 225 s wall, for 4.45 instead of
+    of 41 s of system time, 287 (sampled by py-spy) instead of 225 s wall, for 4.45 instead of
     4.63 GB peak).  A no-op outside glibc.
     """
     mallopt = getattr(_libc(), "mallopt", None)  # glibc only
