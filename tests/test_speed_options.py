@@ -75,6 +75,18 @@ def test_keep_count_is_in_range_and_a_multiple(size, sparsity, round_to):
         assert keep == size or round_to == 1
 
 
+@pytest.mark.parametrize("size", [1, 3, 8, 15, 16, 17, 24, 40, 100, 144, 2048])
+@pytest.mark.parametrize("sparsity", [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.99])
+@pytest.mark.parametrize("round_to", [1, 8, 16])
+def test_keep_count_is_the_nearest_count_a_group_may_keep(size, sparsity, round_to):
+    """Oracle by enumeration: multiples of round_to up to the size, and the whole group; ties go up."""
+    wanted = max(1, int(np.floor((1 - sparsity) * size + 0.5)))
+    allowed = sorted({size, *range(round_to, size + 1, round_to)}) if round_to > 1 else range(1, size + 1)
+    want = min(allowed, key=lambda k: (abs(k - wanted), -k))
+    assert keep_count(size, sparsity, round_to) == want
+    assert keep_count(24, 0.1, 16) == 24 and keep_count(24, 0.3, 16) == 16
+
+
 def test_round_to_prunes_to_multiples():
     result = prune(sample("resnet_legacy.onnx"), sparsity=0.5, round_to=8)
     assert_valid(result.model, onnx.load(str(sample("resnet_legacy.onnx"))))
